@@ -1,0 +1,35 @@
+# Everything a fresh machine needs goes through these targets.
+#   make demo   - fetch a real model, export it, run the daemon on 3 local RTSP cameras
+#   make test   - the whole test suite
+#   make bench  - backend alone vs the whole daemon (prints numbers; see benchmarks/)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup system venv demo test bench clean
+
+setup: system venv
+
+system:
+	@bash tools/setup_system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[export,test]'
+	@touch $@
+
+demo: setup
+	$(PY) tools/demo.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf demo-out .pytest_cache

@@ -1,0 +1,47 @@
+"""Backend registry: the model file's suffix picks the backend unless the config names one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .base import Backend, ModelInfo
+
+# name -> "module:Class"; imported lazily so a box without TensorRT never imports it.
+_REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "onnxruntime": ("streamd.backends.onnxruntime:OnnxRuntimeBackend", (".onnx",)),
+}
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backend_for(path: Path, name: str | None = None) -> type[Backend]:
+    if name in (None, "auto"):
+        suffix = path.suffix.lower()
+        matches = [n for n, (_, sfx) in _REGISTRY.items() if suffix in sfx]
+        if not matches:
+            known = sorted({s for _, sfx in _REGISTRY.values() for s in sfx})
+            raise ModelError(f"{path}: no backend opens '{suffix or path.name}' files "
+                             f"(known: {', '.join(known)})")
+        name = matches[0]
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown backend {name!r} (known: {', '.join(backend_names())})")
+    target = _REGISTRY[name][0]
+    module_name, cls_name = target.split(":")
+    import importlib
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name)
+
+
+def open_backend(path: str | Path, name: str | None = None, **options: Any) -> Backend:
+    """Load ``path`` with the backend its suffix (or ``name``) selects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    return backend_for(path, name)(path, **options)
+
+
+__all__ = ["Backend", "ModelInfo", "backend_for", "backend_names", "open_backend"]

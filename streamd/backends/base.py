@@ -1,0 +1,84 @@
+"""The contract every inference backend honours (ONNX Runtime today, TensorRT next).
+
+A backend loads one model file, checks it against its manifest, warms up, and then runs
+``infer(batch)`` on a (n, 3, H, W) float batch, returning the model's single output array
+for those n images. It knows nothing of cameras.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import BackendError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the daemon needs to know about a loaded model."""
+
+    path: Path
+    names: dict[int, str]
+    input_name: str
+    input_hw: tuple[int, int]        # (height, width)
+    input_dtype: np.dtype
+    batch_min: int
+    batch_max: int
+    output_layout: str               # manifest.LAYOUT_RAW | manifest.LAYOUT_END2END
+    precision: str = "fp32"
+    sha256: str = ""
+    source: str = "manifest"          # where the facts came from: "manifest" | "onnx-metadata"
+
+    def describe(self) -> str:
+        h, w = self.input_hw
+        return (f"{self.path.name} ({len(self.names)} classes, {w}x{h}, batch "
+                f"{self.batch_min}-{self.batch_max}, {self.output_layout}, {self.precision})")
+
+
+class Backend(abc.ABC):
+    """Load on construction, ``infer`` many times, ``close`` once (or use ``with``)."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]   # model file suffixes this backend opens
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch of n images (batch_min <= n <= batch_max) -> output for n images."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free everything the backend holds; safe to call twice."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for logs and the stats message (provider, device...)."""
+        return {"backend": self.name}
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        """Refuse a batch the model cannot take, saying expected vs got."""
+        info = self.info
+        h, w = info.input_hw
+        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise BackendError(f"{info.path.name}: input {info.input_name!r} expects shape "
+                               f"(n, 3, {h}, {w}), got {tuple(batch.shape)}")
+        if not 1 <= batch.shape[0] <= info.batch_max:
+            raise BackendError(f"{info.path.name}: batch of {batch.shape[0]} is outside the "
+                               f"model's range 1-{info.batch_max}")
+
+    def warmup(self, runs: int = 1) -> None:
+        """First runs allocate and tune; do them before cameras start counting latency."""
+        h, w = self.info.input_hw
+        dummy = np.zeros((self.info.batch_max, 3, h, w), np.float32)
+        for _ in range(runs):
+            self.infer(dummy)
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,328 @@
+"""Typed, validated configuration with errors that name the field and the YAML line.
+
+Loading goes: YAML text -> node tree (we keep every value's line) -> ``${ENV}`` expansion ->
+pydantic models with ``extra="forbid"``. Any problem becomes one ``ConfigError`` per
+offending field: ``streamd.yaml:14: cameras[1].fps: ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .redact import redact_url, register_secret, register_url
+
+CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$")
+URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Model file (.onnx; .engine with the TensorRT backend). "
+                                   "Relative paths are relative to the config file.")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: all cores)")
+    conf: float = Field(0.25, gt=0, lt=1, description="minimum confidence")
+    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold")
+    max_det: int = Field(300, ge=1, le=10000)
+    classes: list[int | str] | None = Field(None, description="keep only these class ids or names")
+    verify_sha256: bool = True
+
+
+class SchedulerConfig(_Strict):
+    max_batch: int = Field(8, ge=1, le=256, description="capped by the model's own max batch")
+    max_wait_ms: float = Field(20, ge=0, le=10000, description="how long a partial batch may wait")
+    max_frame_age_ms: float = Field(1000, gt=0, description="older frames are dropped, not inferred")
+    pipeline_depth: int = Field(2, ge=1, le=4, description="batches in flight (prepared + running)")
+
+
+class PublisherConfig(_Strict):
+    endpoint: str = "tcp://127.0.0.1:5555"
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    stats_interval_s: float = Field(10.0, gt=0, le=3600, description="how often the stats message goes out")
+    sndhwm: int = Field(10000, ge=1)
+    queue_size: int = Field(10000, ge=1, description="messages buffered before the socket")
+    allow_non_loopback: bool = False
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.match(r"^(tcp|ipc|inproc)://.+", v):
+            raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+        return v
+
+
+class SourceDefaults(_Strict):
+    open_timeout_s: float = Field(10, gt=0, le=120)
+    read_timeout_s: float = Field(5, gt=0, le=120)
+    stall_timeout_s: float = Field(10, gt=0, le=600, description="no frame this long -> stalled")
+    backoff_initial_s: float = Field(1, gt=0, le=600)
+    backoff_max_s: float = Field(30, gt=0, le=3600)
+
+
+class CameraConfig(_Strict):
+    id: str
+    url: str = Field(description="rtsp://, rtsps://, http(s)://, file path or file://, usb:N or /dev/videoN")
+    username: str | None = None
+    password: str | None = None
+    fps: float | None = Field(None, gt=0, le=240, description="cap: extra frames dropped at decode")
+    queue_depth: int = Field(2, ge=1, le=256)
+    transport: Literal["tcp", "udp"] = "tcp"
+    loop: bool = Field(False, description="files: start again at the end")
+    realtime: bool = Field(True, description="files: pace at the file's own frame rate")
+    enabled: bool = True
+    snapshot: Literal["off", "always", "on_detection"] = Field(
+        "off", description="attach a JPEG of the frame to its detection message")
+    snapshot_interval_s: float = Field(0, ge=0, description="at most one snapshot per this many seconds")
+    snapshot_quality: int = Field(80, ge=10, le=100)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not CAMERA_ID.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty")
+        m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", v)
+        scheme = m.group(1).lower() if m and "://" in v or (m and m.group(1).lower() == "usb") else None
+        if scheme is not None and scheme not in URL_SCHEMES:
+            raise ValueError(f"scheme '{scheme}' is not supported (use {', '.join(URL_SCHEMES)})")
+        if scheme in ("rtsp", "rtsps", "http", "https"):
+            from urllib.parse import urlsplit
+            try:
+                parts = urlsplit(v)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError(f"is not a valid URL ({exc})") from None
+            if not parts.hostname:
+                raise ValueError(f"has no host: {redact_url(v)}")
+        if scheme == "usb" and not re.fullmatch(r"usb:\d+", v):
+            raise ValueError("USB cameras are written usb:N (N = device index)")
+        return v
+
+    @property
+    def kind(self) -> str:
+        """rtsp | http | file | usb"""
+        low = self.url.lower()
+        if low.startswith(("rtsp://", "rtsps://")):
+            return "rtsp"
+        if low.startswith(("http://", "https://")):
+            return "http"
+        if low.startswith("usb:") or low.startswith("/dev/video"):
+            return "usb"
+        return "file"
+
+    def open_url(self) -> str:
+        """The URL with credentials filled in: only ever handed to the decoder."""
+        if not (self.username or self.password) or self.kind not in ("rtsp", "http"):
+            return self.url
+        from urllib.parse import quote, urlsplit, urlunsplit
+        p = urlsplit(self.url)
+        user = quote(self.username or "", safe="")
+        pw = quote(self.password or "", safe="")
+        netloc = f"{user}:{pw}@{p.netloc.rsplit('@', 1)[-1]}"
+        return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Prometheus endpoint address; loopback by default")
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    model: ModelConfig
+    scheduler: SchedulerConfig = SchedulerConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    sources: SourceDefaults = SourceDefaults()
+    cameras: list[CameraConfig] = Field(default_factory=list)
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    def camera(self, cam_id: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.id == cam_id:
+                return cam
+        raise KeyError(cam_id)
+
+
+# ---- YAML with line numbers ----------------------------------------------------------------
+
+def _node_to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
+                    source: str) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
+                else key_node.value
+            if key in out:
+                raise ConfigError(f"key '{key}' appears twice", source=source,
+                                  field=_dotted(path + (key,)), line=key_node.start_mark.line + 1)
+            out[key] = _node_to_python(value_node, path + (key,), lines, source)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_python(n, path + (i,), lines, source) for i, n in enumerate(node.value)]
+    # Scalars: let the safe constructor give them their YAML type (int, float, bool, null).
+    return yaml.SafeLoader.construct_object(_ScalarLoader(), node)  # type: ignore[arg-type]
+
+
+class _ScalarLoader(yaml.SafeLoader):
+    def __init__(self) -> None:  # no stream: only used to construct single scalar nodes
+        yaml.SafeLoader.__init__(self, "")
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return lines.get(())
+
+
+def _expand_env(value: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], source: str,
+                env: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path + (k,), lines, source, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path + (i,), lines, source, env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        if name not in env:
+            raise ConfigError(f"environment variable {name} is not set", source=source,
+                              field=_dotted(path), line=_line_for(path, lines))
+        return env[name]
+
+    return _ENV_REF.sub(sub, value)
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
+                 env: dict[str, str] | None = None, check_files: bool = True) -> Config:
+    """Parse and validate config text. Raises ``ConfigError`` naming field and line."""
+    env = dict(os.environ) if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(f"invalid YAML ({exc.problem or exc.context})", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    if root is None:
+        raise ConfigError("the file is empty", source=source)
+    lines: dict[tuple[Any, ...], int] = {}
+    data = _node_to_python(root, (), lines, source)
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with model:, cameras:, ... at the top level",
+                          source=source, line=1)
+    data = _expand_env(data, (), lines, source, env)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, lines, source) from None
+    seen: dict[str, int] = {}
+    for i, cam in enumerate(cfg.cameras):
+        if cam.id in seen:
+            raise ConfigError(f"duplicate camera id '{cam.id}' (first used by cameras[{seen[cam.id]}])",
+                              source=source, field=f"cameras[{i}].id", line=_line_for(("cameras", i, "id"), lines))
+        seen[cam.id] = i
+
+    # Relative model paths follow the config file, so a service's cwd doesn't matter.
+    model_path = cfg.model.path
+    if not model_path.is_absolute() and base_dir is not None:
+        model_path = (base_dir / model_path)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path})})
+    if check_files and not cfg.model.path.is_file():
+        raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
+                          line=_line_for(("model", "path"), lines))
+    for i, cam in enumerate(cfg.cameras):
+        if cam.kind == "file" and check_files:
+            path = cam.url[len("file://"):] if cam.url.startswith("file://") else cam.url
+            p = Path(path)
+            if not p.is_absolute() and base_dir is not None:
+                p = base_dir / p
+            if not p.exists():
+                raise ConfigError(f"video file not found: {p}", source=source,
+                                  field=f"cameras[{i}].url", line=_line_for(("cameras", i, "url"), lines))
+            cfg.cameras[i] = cam.model_copy(update={"url": str(p)})
+    for cam in cfg.cameras:
+        register_url(cam.url)
+        register_secret(cam.password)
+    return cfg
+
+
+def _validation_error(exc: ValidationError, lines: dict[tuple[Any, ...], int], source: str) -> ConfigError:
+    problems = []
+    first: tuple[str, int | None] | None = None
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # pydantic puts union member names in loc ("int", "str"): drop them from the path.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "float", "bool")
+                                            and p not in ("id",)))
+        field = _dotted(loc)
+        line = _line_for(loc, lines)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and indentation)"
+        elif err["type"] == "missing":
+            msg = "is required"
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if "input" in err and not isinstance(err["input"], (dict, list)) and "url" not in loc \
+                    and "password" not in loc and "username" not in loc:
+                msg += f" (got {err['input']!r})"
+        problems.append(f"{source}:{line}: {field}: {msg}" if line else f"{source}: {field}: {msg}")
+        if first is None:
+            first = (field, line)
+    head = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+    err_obj = ConfigError(head)
+    err_obj.source, err_obj.field, err_obj.line = source, first[0] if first else None, first[1] if first else None
+    return err_obj
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,
+                check_files: bool = True) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=str(p)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config ({exc})", source=str(p)) from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent, env=env, check_files=check_files)

@@ -1,0 +1,324 @@
+"""Wires the stages together and supervises them.
+
+The main thread builds everything (so a bad model or endpoint fails before any camera
+starts), then only supervises: it watches for stalled decoders and for a stage thread
+that died, turns SIGINT/SIGTERM into a stop and SIGHUP into a config reload. Shutdown
+follows the data flow, so everything accepted before the stop is still published.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from .backends import Backend, open_backend
+from .config import CameraConfig, Config, ModelConfig, load_config
+from .entities import Frame, FrameResult
+from .errors import ConfigError, StreamdError
+from .metrics import MetricsServer, PipelineMetrics, build_registry
+from .postprocess import PostprocessParams
+from .publisher import Publisher
+from .queues import QueueSet
+from .scheduler import Pipeline
+from .sources.camera import CameraSource, configure_ffmpeg_defaults
+
+log = logging.getLogger("streamd.daemon")
+
+CAMERA_JOIN_S = 3.0   # a decoder inside a native read returns within its read timeout
+
+
+def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
+    classes: frozenset[int] | None = None
+    if cfg.model.classes:
+        by_name = {v.lower(): k for k, v in names.items()}
+        ids = set()
+        for i, c in enumerate(cfg.model.classes):
+            if isinstance(c, int):
+                if c not in names:
+                    raise ConfigError(f"class id {c} is not in the model (0-{max(names)})",
+                                      field=f"model.classes[{i}]")
+                ids.add(c)
+            else:
+                if c.lower() not in by_name:
+                    raise ConfigError(f"class '{c}' is not in the model ({', '.join(names.values())})",
+                                      field=f"model.classes[{i}]")
+                ids.add(by_name[c.lower()])
+        classes = frozenset(ids)
+    return PostprocessParams(conf=cfg.model.conf, iou=cfg.model.iou, max_det=cfg.model.max_det,
+                             classes=classes)
+
+
+def _load_backend(m: ModelConfig) -> Backend:
+    return open_backend(m.path, m.backend, device=m.device, threads=m.threads, verify_sha256=m.verify_sha256)
+
+
+def _model_identity(m: ModelConfig) -> tuple[Any, ...]:
+    """What makes a model 'the same': its settings and the file's bytes on disk (a file
+    replaced in place counts as a new model)."""
+    try:
+        st = m.path.stat()
+        file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        file_id = ()
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, file_id)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path) if config_path else None
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.started_at = time.time()
+        self.cameras: dict[str, CameraSource] = {}
+        self.queues = QueueSet()
+        self._last_snapshot: dict[str, float] = {}
+        self.reloads = {"ok": 0, "failed": 0}
+        # A stage silent this long is hung: inference of one batch never legitimately takes it.
+        self.watchdog_stall_s = 60.0
+        configure_ffmpeg_defaults()
+        self.backend: Backend = _load_backend(cfg.model)
+        self._model_id = _model_identity(cfg.model)
+        self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
+        self.metrics_server: MetricsServer | None = None
+        self.publisher: Publisher | None = None
+        try:
+            params = postprocess_params(cfg, self.backend.info.names)
+            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats)
+            self.pipeline = self._make_pipeline(self.backend, cfg, params)
+            if cfg.metrics.enabled:
+                self.metrics_server = MetricsServer(build_registry(self.stats, self.pipeline_metrics),
+                                                    cfg.metrics.host, cfg.metrics.port, health=self.health_problem)
+        except BaseException:
+            if self.publisher is not None:
+                self.publisher.close_socket()
+            self.backend.close()
+            raise
+
+    def _make_pipeline(self, backend: Backend, cfg: Config, params: PostprocessParams) -> Pipeline:
+        return Pipeline(backend, cfg.scheduler, params, self._on_results,
+                        on_frame_dropped=self._on_frame_dropped, queues=self.queues)
+
+    # ---- callbacks from stage threads ---------------------------------------------------------
+    def _on_results(self, results: list[FrameResult], frames: list[Frame]) -> None:
+        """Runs on the post thread: attach the snapshots cameras asked for, then publish."""
+        snaps: list[bytes | None] | None = None
+        for i, (r, f) in enumerate(zip(results, frames)):
+            src = self.cameras.get(r.camera_id)
+            if src is None or not self._wants_snapshot(src, r):
+                continue
+            ok, buf = cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, src.cam.snapshot_quality])
+            if ok:
+                snaps = snaps or [None] * len(results)
+                snaps[i] = buf.tobytes()
+                self._last_snapshot[r.camera_id] = r.capture_mono
+        self.publisher.publish_results(results, snaps)
+        self.pipeline_metrics.observe_results(results)
+
+    def _wants_snapshot(self, src: CameraSource, r: FrameResult) -> bool:
+        mode = src.cam.snapshot
+        if mode == "off" or (mode == "on_detection" and not r.detections):
+            return False
+        last = self._last_snapshot.get(r.camera_id)
+        return last is None or r.capture_mono - last >= src.cam.snapshot_interval_s
+
+    def _on_frame_dropped(self, camera_id: str, cause: str) -> None:
+        cam = self.cameras.get(camera_id)
+        if cam is not None and cause == "too_old":
+            cam.stats.dropped_too_old += 1
+
+    # ---- cameras ----------------------------------------------------------------------------------
+    def _start_camera(self, cam_cfg: CameraConfig, cfg: Config) -> None:
+        q = self.queues.add(cam_cfg.id, cam_cfg.queue_depth)
+        src = CameraSource(cam_cfg, cfg.sources, q, self.publisher.publish_health)
+        self.cameras[cam_cfg.id] = src
+        src.start()
+
+    def _stop_camera(self, cam_id: str, reason: str) -> None:
+        src = self.cameras.pop(cam_id, None)
+        self.queues.remove(cam_id)
+        self._last_snapshot.pop(cam_id, None)
+        if src is None:
+            return
+        src.stop(reason)
+        src.join(CAMERA_JOIN_S)
+        if src.is_alive():
+            # Still inside a native read; it exits as soon as the read returns.
+            log.warning("camera=%s decoder still finishing a read; it will exit on its own", cam_id)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """None while healthy, else why not (the metrics server's /healthz and the watchdog)."""
+        err = self.pipeline.first_error() or self.publisher.error
+        if err is not None:
+            return f"a pipeline stage failed: {type(err).__name__}: {err}"
+        ok, why = self.pipeline.progress_ok(self.watchdog_stall_s)
+        return None if ok else why
+
+    def start(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        self.publisher.start()
+        self.pipeline.start()
+        for cam in self.cfg.cameras:
+            if cam.enabled:
+                self._start_camera(cam, self.cfg)
+        log.info("streamd running: model=%s publisher=%s cameras=%d max_batch=%d",
+                 self.backend.info.describe(), self.publisher.bound_endpoint, len(self.cameras),
+                 self.pipeline.max_batch)
+
+    def supervise_once(self) -> None:
+        """One round of supervision; raises if a stage thread died (systemd restarts us)."""
+        now = time.monotonic()
+        for cam in list(self.cameras.values()):
+            cam.check_stall(now)
+        err = self.pipeline.first_error() or self.publisher.error
+        if err is not None:
+            raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
+
+    def run(self, install_signals: bool = True) -> int:
+        """Start, supervise until a signal or a fatal error, stop. Returns an exit code."""
+        if install_signals:
+            # Handlers only set Events: the work happens in the main loop below, not inside
+            # a signal handler that could interrupt a lock holder.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_event.set())
+        code = 0
+        self.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                if self.reload_event.is_set():
+                    self.reload_event.clear()
+                    self.reload()
+                self.supervise_once()
+        except StreamdError as exc:
+            log.error("%s; stopping", exc)
+            code = 1
+        finally:
+            self.shutdown()
+        return code
+
+    def request_stop(self, why: str = "") -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping (%s)", why or "requested")
+        self.stop_event.set()
+
+    def shutdown(self, timeout: float = 8.0) -> None:
+        """Stop in data-flow order; every thread is joined with a deadline."""
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for cam in self.cameras.values():
+            cam.stop()
+        self.queues.wake_all()
+        for cam in self.cameras.values():
+            cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
+        self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        self.publisher.stop()
+        self.publisher.join(max(0.5, deadline - time.monotonic()))
+        self.backend.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        alive = [t.name for t in (*self.cameras.values(), *self.pipeline.threads, self.publisher) if t.is_alive()]
+        if alive:
+            log.warning("threads still running after shutdown: %s", ", ".join(alive))
+        else:
+            log.info("stopped cleanly")
+
+    # ---- reload (SIGHUP) ------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Apply a changed config without touching what did not change.
+
+        Everything that can fail (parsing, loading a new model, class names) happens before
+        anything running is changed, so a bad config leaves the old one running untouched.
+        """
+        if self.config_path is None:
+            log.warning("reload requested but the daemon was not started from a file")
+            return False
+        log.info("reloading %s", self.config_path)
+        try:
+            new = load_config(self.config_path)
+            model_changed = _model_identity(new.model) != self._model_id
+            backend = _load_backend(new.model) if model_changed else self.backend
+            try:
+                params = postprocess_params(new, backend.info.names)
+            except BaseException:
+                if backend is not self.backend:
+                    backend.close()
+                raise
+        except StreamdError as exc:
+            self.reloads["failed"] += 1
+            log.error("reload rejected, the running config stays: %s", exc)
+            return False
+
+        old = self.cfg
+        if new.publisher != old.publisher:
+            log.warning("publisher settings changed: they apply at the next restart (the socket stays as is)")
+            new = new.model_copy(update={"publisher": old.publisher})
+        if model_changed or new.scheduler != old.scheduler:
+            # The new model is already loaded and warm; swap pipelines, keep the queues.
+            pipeline = self._make_pipeline(backend, new, params)
+            self.pipeline.stop()
+            # Counters carry over: metrics are monotonic across a reload.
+            pipeline.stats, pipeline.inferred_per_camera = self.pipeline.stats, self.pipeline.inferred_per_camera
+            old_backend, self.backend = self.backend, backend
+            self.pipeline = pipeline
+            pipeline.start()
+            if old_backend is not backend:
+                old_backend.close()
+                self._model_id = _model_identity(new.model)
+                log.info("model now %s", backend.info.describe())
+        else:
+            self.pipeline.params = params   # read once per batch by the post thread
+
+        old_cams = {c.id: c for c in old.cameras if c.enabled}
+        new_cams = {c.id: c for c in new.cameras if c.enabled}
+        sources_changed = new.sources != old.sources
+        removed = [cid for cid in old_cams if cid not in new_cams]
+        changed = [cid for cid in new_cams if cid in old_cams and (new_cams[cid] != old_cams[cid] or sources_changed)]
+        added = [cid for cid in new_cams if cid not in old_cams]
+        for cid in removed:
+            self._stop_camera(cid, "removed from the config")
+            self.pipeline_metrics.forget_camera(cid)
+        for cid in changed:
+            self._stop_camera(cid, "settings changed; restarting")
+        self.cfg = new
+        for cid in changed + added:
+            self._start_camera(new_cams[cid], new)
+        self.reloads["ok"] += 1
+        log.info("reload applied: cameras added=%s removed=%s changed=%s; model %s; conf=%.2f iou=%.2f",
+                 added or "-", removed or "-", changed or "-", "reloaded" if model_changed else "unchanged",
+                 new.model.conf, new.model.iou)
+        return True
+
+    # ---- stats (the stats message; metrics read the same numbers) ----------------------------------
+    def stats(self) -> dict[str, Any]:
+        depths = self.queues.depths()
+        cams = {}
+        pipeline = self.pipeline
+        for cid, src in list(self.cameras.items()):
+            s = src.stats
+            cams[cid] = {
+                "state": s.state, "decoded": s.decoded, "inferred": pipeline.inferred_per_camera.get(cid, 0),
+                "published": self.publisher.sent_detections.get(cid, 0),
+                "dropped": {"queue_full": src.queue.dropped_full, "too_old": s.dropped_too_old,
+                            "fps_cap": s.dropped_fps_cap},
+                "reconnects": s.reconnects, "decode_errors": s.decode_errors,
+                "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
+            }
+        st = pipeline.stats
+        return {
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "cameras": cams,
+            "scheduler": {"batches": st.batches, "frames": st.frames,
+                          "batch_sizes": {str(k): v for k, v in sorted(st.batch_sizes.items())},
+                          "infer_ms_mean": round(1000 * st.infer_s_total / st.batches, 2) if st.batches else None},
+            "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped},
+            "reloads": dict(self.reloads),
+        }

@@ -1,0 +1,49 @@
+"""Small typed records shared by every stage.
+
+Stages only exchange these: sources know nothing of models, backends nothing of
+cameras, the publisher nothing of backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded picture from one camera."""
+
+    camera_id: str
+    frame_no: int           # per-camera counter of frames decoded since start
+    capture_ts: float       # wall clock (time.time()) when the decoder returned it
+    capture_mono: float     # time.monotonic() at the same instant; ages use this
+    image: np.ndarray       # HxWx3 uint8, BGR (OpenCV's order)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    class_id: int
+    label: str
+    confidence: float
+    box: tuple[float, float, float, float]   # x1, y1, x2, y2 in frame pixels
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """Detections for one frame, ready to publish."""
+
+    camera_id: str
+    frame_no: int
+    capture_ts: float
+    capture_mono: float
+    width: int
+    height: int
+    detections: tuple[Detection, ...]
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage

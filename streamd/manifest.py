@@ -1,0 +1,150 @@
+"""The sidecar manifest that travels beside every model file.
+
+The export tool writes it and the daemon reads it with this one module, so the format is
+defined in exactly one place. Engines stay plain files (readable by trtexec); everything
+that describes them lives here, beside them: ``yolov8s.onnx`` -> ``yolov8s.onnx.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+
+MANIFEST_FORMAT = 1
+
+# Output layouts the postprocessor understands.
+LAYOUT_RAW = "yolov8_raw"       # (batch, 4 + num_classes, anchors): cx, cy, w, h, class scores
+LAYOUT_END2END = "end2end"      # (batch, max_det, 6): x1, y1, x2, y2, score, class (NMS in graph)
+LAYOUTS = (LAYOUT_RAW, LAYOUT_END2END)
+
+
+def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where the manifest of ``model_path`` lives (same folder, ``.json`` appended)."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".json")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelManifest:
+    """What a model is and how it was made. Field names are the JSON keys."""
+
+    model_file: str                      # file name, relative to the manifest's folder
+    model_sha256: str
+    model_format: str                    # "onnx" | "tensorrt"
+    class_names: dict[int, str]
+    imgsz: tuple[int, int]               # (height, width) of the network input
+    batch_min: int
+    batch_max: int
+    output_layout: str                   # one of LAYOUTS
+    stride: int = 32
+    precision: str = "fp32"              # "fp32" | "fp16" | "int8"
+    input_name: str = "images"
+    input_dtype: str = "float32"
+    output_names: list[str] = field(default_factory=lambda: ["output0"])
+    opset: int | None = None
+    nms: dict[str, Any] | None = None    # for end2end: {"iou": .., "conf": .., "max_det": ..}
+    source: dict[str, Any] = field(default_factory=dict)   # {"weights": name, "sha256": ..}
+    tools: dict[str, str] = field(default_factory=dict)    # tool name -> version
+    build: dict[str, Any] = field(default_factory=dict)    # engine builds: GPU, TensorRT, ...
+    created: str = ""
+    format: int = MANIFEST_FORMAT
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["class_names"] = {str(k): v for k, v in self.class_names.items()}
+        d["imgsz"] = list(self.imgsz)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "ModelManifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        fmt = d.get("format", MANIFEST_FORMAT)
+        if fmt != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: manifest format {fmt!r} is not supported "
+                                f"(this streamd reads format {MANIFEST_FORMAT})")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        required = ("model_file", "model_sha256", "model_format", "class_names", "imgsz",
+                    "batch_min", "batch_max", "output_layout")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+        try:
+            d = dict(d)
+            d["class_names"] = {int(k): str(v) for k, v in d["class_names"].items()}
+            h, w = (int(x) for x in d["imgsz"])
+            d["imgsz"] = (h, w)
+            d["batch_min"] = int(d["batch_min"])
+            d["batch_max"] = int(d["batch_max"])
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: malformed value ({exc})") from None
+        m = cls(**d)
+        m.validate(where)
+        return m
+
+    def validate(self, where: str = "manifest") -> None:
+        if self.output_layout not in LAYOUTS:
+            raise ManifestError(f"{where}: output_layout {self.output_layout!r} is not one of "
+                                f"{', '.join(LAYOUTS)}")
+        if not 1 <= self.batch_min <= self.batch_max:
+            raise ManifestError(f"{where}: batch range {self.batch_min}-{self.batch_max} is invalid")
+        if min(self.imgsz) <= 0:
+            raise ManifestError(f"{where}: imgsz {self.imgsz} is invalid")
+        if not self.class_names:
+            raise ManifestError(f"{where}: class_names is empty")
+
+    # ---- files -------------------------------------------------------------------------
+    def write(self, model_path: str | os.PathLike[str]) -> Path:
+        """Write atomically beside ``model_path`` (a reader never sees half a manifest)."""
+        out = sidecar_path(model_path)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_json())
+        # mkstemp creates the file owner-only; the daemon often runs as another user than
+        # the one who exported the model, and must be able to read the manifest.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def read(cls, model_path: str | os.PathLike[str]) -> "ModelManifest":
+        path = sidecar_path(model_path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: manifest not found") from None
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read manifest ({exc.strerror})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data, where=str(path))
+
+    def check_file(self, model_path: str | os.PathLike[str]) -> None:
+        """Refuse a model whose bytes are not the ones the manifest describes."""
+        actual = sha256_file(model_path)
+        if actual != self.model_sha256:
+            raise ManifestError(
+                f"{model_path}: sha256 {actual[:12]}… does not match its manifest "
+                f"({self.model_sha256[:12]}…); the file was changed or the manifest belongs "
+                f"to another model. Re-export it, or remove the stale manifest.")

@@ -1,0 +1,108 @@
+"""Letterbox frames into one preallocated network batch.
+
+Matches Ultralytics' ``LetterBox(auto=False)``: scale to fit, keep aspect, pad with grey
+114 centred, BGR -> RGB, HWC -> CHW, /255. The batch buffers are allocated once per
+scheduler and reused, so a 1080p frame costs one resize and one copy, not a fresh array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True, slots=True)
+class Letterbox:
+    """How one frame was placed into the network input; inverts boxes back to pixels."""
+
+    gain: float
+    pad_x: int
+    pad_y: int
+    width: int      # original frame size
+    height: int
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        """(width, height) the frame was resized to inside the network input."""
+        return _resized_size(self.width, self.height, self.gain)
+
+    def boxes_to_frame(self, boxes: np.ndarray) -> np.ndarray:
+        """Map (N, 4) xyxy boxes from network input pixels to frame pixels, clipped."""
+        out = boxes.astype(np.float32, copy=True)
+        out[:, [0, 2]] -= self.pad_x
+        out[:, [1, 3]] -= self.pad_y
+        # The frame was resized to whole pixels, so the true scale differs slightly per axis
+        # from ``gain``; divide by the scale actually applied, as Ultralytics' scale_boxes does.
+        new_w, new_h = self.resized
+        out[:, [0, 2]] /= new_w / self.width
+        out[:, [1, 3]] /= new_h / self.height
+        # Assign, not ``np.clip(..., out=out[:, [0, 2]])``: fancy indexing makes a copy, and
+        # clipping into that copy would leave the boxes unclipped.
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, self.width)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.height)
+        return out
+
+
+def _resized_size(width: int, height: int, gain: float) -> tuple[int, int]:
+    # At least one pixel: a very thin frame must not round to an empty resize.
+    return max(int(round(width * gain)), 1), max(int(round(height * gain)), 1)
+
+
+def letterbox_geometry(width: int, height: int, net_h: int, net_w: int) -> tuple[Letterbox, int, int]:
+    """Return the placement and the resized (w, h), with Ultralytics' rounding."""
+    gain = min(net_h / height, net_w / width)
+    new_w, new_h = _resized_size(width, height, gain)
+    dw, dh = (net_w - new_w) / 2, (net_h - new_h) / 2
+    # Ultralytics rounds (d - 0.1) for the top/left pad; keep it so boxes match exactly.
+    left, top = int(round(dw - 0.1)), int(round(dh - 0.1))
+    return Letterbox(gain, left, top, width, height), new_w, new_h
+
+
+class BatchBuffer:
+    """A reusable (max_batch, 3, H, W) input tensor plus its uint8 staging area."""
+
+    def __init__(self, max_batch: int, net_h: int, net_w: int, dtype: np.dtype = np.float32) -> None:
+        self.net_h, self.net_w = net_h, net_w
+        self._u8 = np.full((max_batch, net_h, net_w, 3), PAD_VALUE, np.uint8)
+        self.tensor = np.empty((max_batch, 3, net_h, net_w), dtype)
+
+    @property
+    def max_batch(self) -> int:
+        return self._u8.shape[0]
+
+    def fill(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Letterbox ``images`` (BGR uint8) into the buffer; return the batch view and boxes."""
+        n = len(images)
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} images does not fit a buffer of {self.max_batch}")
+        boxes: list[Letterbox] = []
+        for i, img in enumerate(images):
+            h, w = img.shape[:2]
+            lb, new_w, new_h = letterbox_geometry(w, h, self.net_h, self.net_w)
+            slot = self._u8[i]
+            if (new_w, new_h) != (w, h):
+                img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            # Re-grey only the pad bands: the previous frame in this slot may have had
+            # another size.
+            slot[: lb.pad_y].fill(PAD_VALUE)
+            slot[lb.pad_y + new_h:].fill(PAD_VALUE)
+            slot[lb.pad_y: lb.pad_y + new_h, : lb.pad_x].fill(PAD_VALUE)
+            slot[lb.pad_y: lb.pad_y + new_h, lb.pad_x + new_w:].fill(PAD_VALUE)
+            slot[lb.pad_y: lb.pad_y + new_h, lb.pad_x: lb.pad_x + new_w] = img
+            boxes.append(lb)
+        # One vectorised pass for the whole batch: BGR->RGB, HWC->CHW, scale to [0, 1].
+        src = self._u8[:n, :, :, ::-1].transpose(0, 3, 1, 2)
+        out = self.tensor[:n]
+        np.multiply(src, np.float32(1.0 / 255.0), out=out, casting="unsafe")
+        return out, boxes
+
+
+def letterbox_batch(images: list[np.ndarray], net_h: int, net_w: int) -> tuple[np.ndarray, list[Letterbox]]:
+    """One-off convenience (tools, tests): allocate a buffer and fill it."""
+    buf = BatchBuffer(len(images), net_h, net_w)
+    tensor, boxes = buf.fill(images)
+    return tensor.copy(), boxes

@@ -1,0 +1,183 @@
+"""The thread that owns the ZeroMQ PUB socket.
+
+Other threads hand it messages through a bounded queue and never wait: a full queue or
+a subscriber at its high-water mark costs dropped (counted) messages, never a stalled
+scheduler. Every message gets a publisher-wide ``seq`` and a per-camera ``cam_seq`` so
+subscribers see exactly what they missed, plus the publisher's ``pub`` id so a restart
+reads as a restart, not as a gap. An idle publisher sends heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol
+from .config import PublisherConfig
+from .entities import FrameResult
+from .errors import PublishError
+from .redact import scrub
+
+log = logging.getLogger("streamd.publisher")
+
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def endpoint_is_loopback(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True   # ipc:// and inproc:// never leave the machine
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host.startswith(_LOOPBACK_HOSTS)
+
+
+class Publisher(threading.Thread):
+    def __init__(self, cfg: PublisherConfig, context: zmq.Context | None = None,
+                 stats_provider: Callable[[], dict[str, Any]] | None = None) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.cfg = cfg
+        self.publisher_id = uuid.uuid4().hex[:12]
+        self.host = socket.gethostname()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue[tuple[bytes, dict[str, Any], bytes | None]] = queue.Queue(cfg.queue_size)
+        self._seq = 0
+        self._cam_seq: dict[str, int] = {}
+        self._stats_provider = stats_provider
+        self._stats_interval = cfg.stats_interval_s
+        self.sent = 0
+        self.sent_detections: dict[str, int] = {}   # camera id -> detection messages sent
+        self.dropped = 0            # lost before the socket (queue full)
+        self.bound_endpoint = ""
+        self._sock: zmq.Socket | None = None
+        self._bind()
+
+    def _bind(self) -> None:
+        # Bind in the constructor (caller's thread) so a bad endpoint fails start-up loudly;
+        # the socket is then used only by this thread.
+        if not endpoint_is_loopback(self.cfg.endpoint):
+            if not self.cfg.allow_non_loopback:
+                raise PublishError(f"publisher.endpoint {self.cfg.endpoint} is not a loopback address; "
+                                   f"set publisher.allow_non_loopback: true to publish to the network")
+            log.warning("publishing on %s: reachable from the network, messages are not encrypted",
+                        self.cfg.endpoint)
+        sock = self._ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, self.cfg.sndhwm)
+        sock.setsockopt(zmq.LINGER, 500)
+        try:
+            sock.bind(self.cfg.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise PublishError(f"cannot bind publisher.endpoint {self.cfg.endpoint}: {exc}") from None
+        self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._sock = sock
+
+    def close_socket(self) -> None:
+        """For a publisher that never started (start-up failed after binding)."""
+        if self._sock is not None and not self.is_alive():
+            self._sock.close(0)
+            self._sock = None
+
+    # ---- called from any thread ----------------------------------------------------------
+    def _enqueue(self, topic: bytes, body: dict[str, Any], attachment: bytes | None = None) -> bool:
+        try:
+            self._queue.put_nowait((topic, body, attachment))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def publish_results(self, results: list[FrameResult], snapshots: list[bytes | None] | None = None) -> None:
+        """One detections message per result; ``snapshots[i]`` (JPEG bytes) rides along as
+        a third message part when given."""
+        for i, r in enumerate(results):
+            jpeg = snapshots[i] if snapshots else None
+            body: dict[str, Any] = {
+                "type": protocol.TYPE_DETECTIONS,
+                "camera": r.camera_id,
+                "frame": r.frame_no,
+                "capture_ts": round(r.capture_ts, 6),
+                "width": r.width,
+                "height": r.height,
+                "detections": [
+                    {"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
+                     "box": [round(v, 1) for v in d.box]}
+                    for d in r.detections],
+                "timings_ms": {k: round(v * 1000, 2) for k, v in r.timings.items()},
+            }
+            if jpeg is not None:
+                body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(jpeg)}
+            self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg)
+
+    def publish_health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
+        self._enqueue(protocol.health_topic(camera_id), {
+            "type": protocol.TYPE_HEALTH, "camera": camera_id, "state": state,
+            "previous": previous, "reason": scrub(reason)})
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # ---- the thread ------------------------------------------------------------------------
+    def run(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        last_sent = time.monotonic()
+        next_stats = time.monotonic() + self._stats_interval
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=min(0.1, self.cfg.heartbeat_s))
+                except queue.Empty:
+                    item = None
+                now = time.monotonic()
+                if item is not None:
+                    self._send(sock, *item)
+                    last_sent = now
+                elif self.stop_event.is_set():
+                    break   # drained: everything accepted before stop went out
+                if now - last_sent >= self.cfg.heartbeat_s:
+                    self._send(sock, protocol.TOPIC_HEARTBEAT, {"type": protocol.TYPE_HEARTBEAT,
+                                                               "host": self.host, "pid": os.getpid()})
+                    last_sent = now
+                if self._stats_provider is not None and now >= next_stats:
+                    next_stats = now + self._stats_interval
+                    try:
+                        self._send(sock, protocol.TOPIC_STATS, {"type": protocol.TYPE_STATS,
+                                                               **self._stats_provider()})
+                    except Exception:  # stats are best effort; never kill the publisher
+                        log.exception("building the stats message failed")
+        except BaseException as exc:  # noqa: BLE001 - recorded for the supervisor
+            self.error = exc
+            log.error("publisher failed: %s", exc)
+        finally:
+            sock.close(linger=500)
+
+    def _send(self, sock: zmq.Socket, topic: bytes, body: dict[str, Any], attachment: bytes | None = None) -> None:
+        self._seq += 1
+        body["v"] = protocol.PROTOCOL_VERSION
+        body["seq"] = self._seq
+        body["pub"] = self.publisher_id
+        cam = body.get("camera")
+        if cam is not None:
+            self._cam_seq[cam] = self._cam_seq.get(cam, 0) + 1
+            body["cam_seq"] = self._cam_seq[cam]
+        body["publish_ts"] = round(time.time(), 6)
+        try:
+            parts = protocol.encode(topic, body)
+            if attachment is not None:
+                parts.append(attachment)
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            self.sent += 1
+            if body["type"] == protocol.TYPE_DETECTIONS:
+                self.sent_detections[cam] = self.sent_detections.get(cam, 0) + 1
+        except zmq.Again:
+            # PUB drops silently at HWM; Again only appears on exotic transports. Count it.
+            self.dropped += 1

@@ -1,0 +1,293 @@
+"""One decoder thread per camera, as a small state machine.
+
+    connecting -> streaming -> (lost | stalled) -> backoff -> connecting ...
+                          \-> ended (a file that does not loop)
+    any state -> stopped
+
+Nothing here blocks without a timeout: OpenCV's FFmpeg backend gets open/read timeouts,
+waits are on the stop Event, and the supervisor flags a decoder that stops returning even
+so (``check_stall``). Only this thread touches its ``cv2.VideoCapture``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from ..config import CameraConfig, SourceDefaults
+from ..entities import Frame
+from ..queues import RingQueue
+from ..redact import scrub
+from .rtsp_probe import diagnose
+
+log = logging.getLogger("streamd.source")
+
+# OpenCV reads this when a capture opens; the transport is per camera, so an open with a
+# non-default transport swaps it under a lock (all-TCP configs never take the lock).
+_FFMPEG_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_DEFAULT_FFMPEG_OPTIONS = "rtsp_transport;tcp"
+_open_lock = threading.Lock()
+
+
+def configure_ffmpeg_defaults() -> None:
+    """TCP for RTSP unless the user set their own options; quiet FFmpeg/OpenCV logs
+    (their messages can carry URLs with credentials)."""
+    os.environ.setdefault(_FFMPEG_ENV, _DEFAULT_FFMPEG_OPTIONS)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:  # pragma: no cover - very old OpenCV
+        pass
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    STALLED = "stalled"
+    LOST = "lost"
+    BACKOFF = "reconnecting"
+    ENDED = "ended"
+    STOPPED = "stopped"
+
+
+@dataclass
+class CameraStats:
+    """Counters this camera's stages update; read by metrics and the stats message."""
+
+    decoded: int = 0
+    dropped_fps_cap: int = 0
+    dropped_too_old: int = 0
+    inferred: int = 0
+    published: int = 0
+    reconnects: int = 0
+    decode_errors: int = 0
+    state: str = State.STARTING.value
+    state_since: float = field(default_factory=time.time)
+    last_frame_mono: float = 0.0
+    width: int = 0
+    height: int = 0
+
+
+HealthCallback = Callable[[str, str, str, str], None]   # camera_id, state, previous, reason
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Capped exponential backoff with jitter in [50%, 100%] of the step, so a fleet of
+    cameras that dropped together doesn't reconnect in lock-step."""
+    step = min(maximum, initial * (2 ** min(attempt, 30)))
+    return step * (0.5 + 0.5 * rng.random())
+
+
+class CameraSource(threading.Thread):
+    def __init__(self, cam: CameraConfig, defaults: SourceDefaults, queue: RingQueue,
+                 on_health: HealthCallback) -> None:
+        super().__init__(name=f"cam-{cam.id}", daemon=True)
+        self.cam = cam
+        self.defaults = defaults
+        self.queue = queue
+        self.stats = CameraStats()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._on_health = on_health
+        self._rng = random.Random()
+        self._frame_no = 0
+        self._in_read_since = 0.0           # monotonic time a read began; 0 when not reading
+        self._stall_reported = False
+        self._lock = threading.Lock()
+        self._stop_reason = "daemon stopping"
+
+    # ---- state ------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return State(self.stats.state)
+
+    def _set_state(self, new: State, reason: str = "") -> None:
+        with self._lock:
+            old = self.stats.state
+            if old == new.value and not reason:
+                return
+            self.stats.state = new.value
+            self.stats.state_since = time.time()
+        reason = scrub(reason)
+        level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
+        log.log(level, "camera=%s state=%s previous=%s reason=%s", self.cam.id, new.value, old, reason or "-")
+        try:
+            self._on_health(self.cam.id, new.value, old, reason)
+        except Exception:  # a broken listener must not take the camera down
+            log.exception("camera=%s health listener failed", self.cam.id)
+
+    def check_stall(self, now: float | None = None) -> bool:
+        """Supervisor hook: flag a decoder stuck inside a read longer than the stall timeout
+        (the read timeout should fire first; this catches decoders that ignore it)."""
+        now = time.monotonic() if now is None else now
+        since = self._in_read_since
+        if since and now - since > self.defaults.stall_timeout_s and not self._stall_reported \
+                and self.state == State.STREAMING:
+            self._stall_reported = True
+            self._set_state(State.STALLED, f"no frame for {now - since:.1f}s (decoder not returning)")
+            return True
+        return False
+
+    def stop(self, reason: str = "daemon stopping") -> None:
+        self._stop_reason = reason
+        self.stop_event.set()
+
+    # ---- thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the supervisor
+            self.error = exc
+            log.error("camera=%s thread failed: %s", self.cam.id, scrub(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._set_state(State.STOPPED, self._stop_reason if self.stop_event.is_set() else "thread ended")
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self.stop_event.is_set():
+            self._set_state(State.CONNECTING, f"opening {self.cam.safe_url}")
+            cap, reason = self._open()
+            if cap is None:
+                self._backoff(attempt, reason)
+                attempt += 1
+                continue
+            try:
+                outcome, reason, got_frames = self._stream(cap)
+            finally:
+                cap.release()
+            if got_frames:
+                attempt = 0
+            if outcome == "stop":
+                return
+            if outcome == "ended":
+                self._set_state(State.ENDED, reason)
+                return
+            self._set_state(State.STALLED if outcome == "stalled" else State.LOST, reason)
+            self._backoff(attempt, reason)
+            attempt += 1
+
+    def _backoff(self, attempt: int, reason: str) -> None:
+        delay = backoff_delay(attempt, self.defaults.backoff_initial_s, self.defaults.backoff_max_s, self._rng)
+        self.stats.reconnects += 1
+        self._set_state(State.BACKOFF, f"{reason}; retry in {delay:.1f}s")
+        self.stop_event.wait(delay)
+
+    def _open(self) -> tuple[cv2.VideoCapture | None, str]:
+        kind = self.cam.kind
+        url = self.cam.open_url()
+        open_ms = int(self.defaults.open_timeout_s * 1000)
+        read_ms = int(self.defaults.read_timeout_s * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
+        try:
+            if kind == "usb":
+                index = int(url.split(":", 1)[1]) if url.startswith("usb:") else url
+                cap = cv2.VideoCapture(index, cv2.CAP_V4L2)
+            elif kind == "rtsp" and self.cam.transport != "tcp":
+                with _open_lock:
+                    saved = os.environ.get(_FFMPEG_ENV)
+                    os.environ[_FFMPEG_ENV] = f"rtsp_transport;{self.cam.transport}"
+                    try:
+                        cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+                    finally:
+                        if saved is None:
+                            os.environ.pop(_FFMPEG_ENV, None)
+                        else:
+                            os.environ[_FFMPEG_ENV] = saved
+            else:
+                cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+        except cv2.error as exc:
+            return None, scrub(f"decoder error while opening ({exc})")
+        if cap.isOpened():
+            return cap, ""
+        cap.release()
+        if kind == "rtsp":
+            why = diagnose(url, timeout=min(5.0, self.defaults.open_timeout_s))
+            if why == "reachable":
+                why = "the camera answers but its stream could not be decoded"
+            return None, why
+        if kind == "file":
+            return None, "the video file could not be opened (unsupported or corrupt)"
+        return None, "could not be opened"
+
+    def _stream(self, cap: cv2.VideoCapture) -> tuple[str, str, bool]:
+        """Read until stop, end of stream, or failure: returns (outcome, reason, got_frames)."""
+        is_file = self.cam.kind == "file"
+        native_fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+        pace = 1.0 / native_fps if (is_file and self.cam.realtime and 0 < native_fps < 1000) else 0.0
+        cap_interval = 1.0 / self.cam.fps if self.cam.fps else 0.0
+        next_due = 0.0          # monotonic time the next frame may be kept (fps cap)
+        next_pace = time.monotonic()
+        got_frames = False
+        bad_in_row = 0
+        read_timeout = self.defaults.read_timeout_s
+        while not self.stop_event.is_set():
+            if pace:
+                # Files replay at their own rate, like the camera that recorded them.
+                delay = next_pace - time.monotonic()
+                if delay > 0 and self.stop_event.wait(delay):
+                    break
+                next_pace = max(next_pace + pace, time.monotonic() - 1.0)
+            t0 = time.monotonic()
+            self._in_read_since = t0
+            try:
+                ok = cap.grab()
+            except cv2.error:
+                ok = False
+            finally:
+                self._in_read_since = 0.0
+            now = time.monotonic()
+            if not ok:
+                if is_file and got_frames:
+                    if self.cam.loop and cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+                        continue
+                    return ("ended" if not self.cam.loop else "lost"), "end of file", got_frames
+                if now - t0 >= 0.8 * read_timeout:
+                    return "stalled", f"no frame for {now - t0:.1f}s (stream stalled)", got_frames
+                return "lost", "stream ended or connection dropped", got_frames
+            if cap_interval:
+                if now < next_due:
+                    self.stats.dropped_fps_cap += 1
+                    continue
+                # Schedule from the ideal time, not from now, so the average rate holds;
+                # after a gap (first frame, reconnect) start afresh instead of bursting.
+                next_due = next_due + cap_interval if now - next_due < cap_interval else now + cap_interval
+            try:
+                ok, image = cap.retrieve()
+            except cv2.error:
+                ok, image = False, None
+            if not ok or image is None or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+                self.stats.decode_errors += 1
+                bad_in_row += 1
+                if bad_in_row >= 50:
+                    return "lost", "decoder keeps returning broken frames", got_frames
+                continue
+            bad_in_row = 0
+            if image.dtype != np.uint8:
+                self.stats.decode_errors += 1
+                continue
+            if not got_frames:
+                got_frames = True
+                h, w = image.shape[:2]
+                self.stats.width, self.stats.height = w, h
+                self._stall_reported = False
+                self._set_state(State.STREAMING, f"connected {w}x{h}"
+                                + (f" @ {native_fps:.1f} fps" if 0 < native_fps < 1000 else ""))
+            elif self._stall_reported:
+                self._stall_reported = False
+                self._set_state(State.STREAMING, "frames flowing again")
+            self._frame_no += 1
+            self.stats.decoded += 1
+            self.stats.last_frame_mono = now
+            self.queue.put(Frame(self.cam.id, self._frame_no, time.time(), now, image))
+        return "stop", "", got_frames

@@ -1,0 +1,149 @@
+"""``streamd sub``: print what a daemon publishes, one line per message, and report gaps.
+
+Gaps are tracked per publisher id (a restarted daemon starts a new sequence, which is
+reported as a restart, not as a loss). With ``--camera`` the per-camera ``cam_seq`` is
+used, since the publisher-wide ``seq`` skips every other camera's messages by design.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import zmq
+
+from . import protocol
+
+
+@dataclass
+class GapTracker:
+    per_camera: bool
+    last: dict[tuple[str, str], int] = field(default_factory=dict)
+    missing: int = 0
+
+    def check(self, body: dict[str, Any]) -> str | None:
+        """Return a gap or restart notice for this message, or None."""
+        pub = str(body.get("pub", "?"))
+        if self.per_camera:
+            if "cam_seq" not in body:
+                return None
+            key, seq = (pub, str(body.get("camera"))), int(body["cam_seq"])
+        else:
+            key, seq = (pub, ""), int(body["seq"])
+        notice = None
+        prev = self.last.get(key)
+        if prev is None:
+            if not any(k[1] == key[1] and k[0] != pub for k in self.last):
+                notice = None
+            else:
+                notice = f"publisher restarted (new id {pub})"
+        elif seq > prev + 1:
+            n = seq - prev - 1
+            self.missing += n
+            notice = f"GAP: {n} message(s) missing before seq {seq}" + (f" of camera {key[1]}" if key[1] else "")
+        elif seq <= prev:
+            notice = f"sequence went back from {prev} to {seq} (duplicate or reordered)"
+        self.last[key] = max(seq, prev or 0)
+        return notice
+
+
+def subscribe(endpoint: str, cameras: list[str] | None = None, timeout_s: float | None = None,
+              context: zmq.Context | None = None, rcvhwm: int = 100000) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield decoded messages until ``timeout_s`` passes with none (None: forever)."""
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    if cameras:
+        for c in cameras:
+            sock.setsockopt(zmq.SUBSCRIBE, protocol.camera_prefix(c))
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.SYSTEM_PREFIX)
+    else:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while True:
+            wait_ms = None if timeout_s is None else int(timeout_s * 1000)
+            if not poller.poll(wait_ms if wait_ms is not None else 1000):
+                if timeout_s is not None:
+                    return
+                continue
+            parts = sock.recv_multipart()
+            try:
+                yield protocol.decode(parts)
+            except protocol.ProtocolError as exc:
+                yield "!invalid", {"type": "invalid", "error": str(exc)}
+    finally:
+        sock.close(0)
+
+
+def format_line(topic: str, body: dict[str, Any]) -> str:
+    t = body.get("type")
+    ts = time.strftime("%H:%M:%S", time.localtime(body.get("publish_ts", time.time())))
+    seq = body.get("seq", "?")
+    if t == protocol.TYPE_DETECTIONS:
+        age_ms = 1000 * (body["publish_ts"] - body["capture_ts"])
+        dets = " ".join(f"{d['label']}:{d['confidence']:.2f}@{','.join(str(int(v)) for v in d['box'])}"
+                        for d in body["detections"]) or "-"
+        return (f"{ts} seq={seq} cam={body['camera']} frame={body['frame']} "
+                f"{body['width']}x{body['height']} age={age_ms:.0f}ms n={len(body['detections'])} {dets}")
+    if t == protocol.TYPE_HEALTH:
+        return (f"{ts} seq={seq} cam={body['camera']} HEALTH {body['previous']} -> {body['state']}"
+                f" ({body.get('reason') or '-'})")
+    if t == protocol.TYPE_HEARTBEAT:
+        return f"{ts} seq={seq} heartbeat host={body.get('host')} pid={body.get('pid')}"
+    if t == protocol.TYPE_STATS:
+        cams = body.get("cameras", {})
+        summary = " ".join(f"{c}:{v['state']}/{v['published']}" for c, v in cams.items())
+        return f"{ts} seq={seq} stats uptime={body.get('uptime_s')}s {summary}"
+    return f"{ts} {topic} {json.dumps(body)}"
+
+
+def save_snapshot(body: dict[str, Any], folder: Path) -> Path | None:
+    """Write the message's snapshot with its detections drawn: ``<camera>.jpg`` (latest)."""
+    import cv2
+    import numpy as np
+
+    from .annotate import draw
+    img = cv2.imdecode(np.frombuffer(body["_snapshot"], np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        return None
+    title = f"{body['camera']} frame {body['frame']}: {len(body['detections'])} detections"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{body['camera']}.jpg"
+    tmp = path.with_suffix(".tmp.jpg")
+    cv2.imwrite(str(tmp), draw(img, body["detections"], title))
+    tmp.replace(path)   # readers never see half a picture
+    return path
+
+
+def run_sub(endpoint: str, cameras: list[str] | None, as_json: bool, count: int | None,
+            timeout_s: float | None, out: TextIO = sys.stdout, snapshot_dir: Path | None = None) -> int:
+    gaps = GapTracker(per_camera=bool(cameras))
+    n = 0
+    for topic, body in subscribe(endpoint, cameras, timeout_s):
+        if snapshot_dir is not None and "_snapshot" in body:
+            save_snapshot(body, snapshot_dir)
+        snapshot = body.pop("_snapshot", None)
+        if snapshot is not None and as_json:
+            body["snapshot"]["bytes"] = len(snapshot)
+        if body.get("type") == "invalid":
+            print(f"!! invalid message: {body['error']}", file=out, flush=True)
+            continue
+        notice = gaps.check(body)
+        if notice:
+            print(f"!! {notice}", file=out, flush=True)
+        print(json.dumps({"topic": topic, **body}) if as_json else format_line(topic, body), file=out, flush=True)
+        if body.get("type") == protocol.TYPE_DETECTIONS:
+            n += 1
+            if count is not None and n >= count:
+                break
+    if gaps.missing:
+        print(f"!! {gaps.missing} message(s) missed in total", file=out, flush=True)
+    return 0

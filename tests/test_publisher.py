@@ -1,0 +1,162 @@
+"""The PUB socket with real SUB sockets on loopback: format, filtering, sequence numbers,
+heartbeats, and a subscriber that never reads."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import zmq
+
+from streamd import protocol
+from streamd.config import PublisherConfig
+from streamd.entities import Detection, FrameResult
+from streamd.publisher import Publisher
+from streamd.subscriber import GapTracker, format_line, run_sub
+from tests.fixtures_daemon import Collector, free_tcp_port, wait_until
+
+
+def make_result(cam: str, n: int) -> FrameResult:
+    now = time.time()
+    return FrameResult(cam, n, now - 0.05, time.monotonic(), 640, 480,
+                       (Detection(0, "person", 0.87654, (1.04, 2.0, 300.55, 400.0)),))
+
+
+def start_publisher(**kw: object) -> Publisher:
+    cfg = PublisherConfig(endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", **kw)  # type: ignore[arg-type]
+    pub = Publisher(cfg)
+    pub.start()
+    return pub
+
+
+def test_messages_carry_schema_and_filter_per_camera() -> None:
+    pub = start_publisher(heartbeat_s=0.2)
+    only_a = Collector(pub.bound_endpoint, [protocol.camera_prefix("a")])
+    everything = Collector(pub.bound_endpoint)
+    try:
+        # Slow joiner: wait until the subscriptions are live (heartbeats arrive).
+        wait_until(lambda: everything.of("heartbeat"), 10, what="first heartbeat")
+        for i in range(1, 6):
+            pub.publish_results([make_result("a", i), make_result("ab", i)])
+        pub.publish_health("a", "lost", "streaming", "connection dropped")
+        wait_until(lambda: len(everything.of("detections")) == 10, 10, what="10 detection messages")
+        wait_until(lambda: only_a.of("health"), 10, what="health message for a")
+        dets_a = only_a.of("detections")
+        assert [m["camera"] for m in dets_a] == ["a"] * 5        # 'ab' is not matched by cam/a/
+        m = dets_a[0]
+        assert m["v"] == protocol.PROTOCOL_VERSION and m["type"] == "detections"
+        assert m["frame"] == 1 and m["width"] == 640 and m["height"] == 480
+        assert m["publish_ts"] >= m["capture_ts"]
+        assert m["detections"] == [{"class_id": 0, "label": "person", "confidence": 0.8765,
+                                    "box": [1.0, 2.0, 300.6, 400.0]}]
+        assert [x["cam_seq"] for x in dets_a] == [1, 2, 3, 4, 5]
+        seqs = [b["seq"] for b in everything.of()]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        h = only_a.of("health")[0]
+        assert (h["state"], h["previous"], h["reason"]) == ("lost", "streaming", "connection dropped")
+        assert h["cam_seq"] == 6
+    finally:
+        pub.stop()
+        pub.join(5)
+        only_a.close()
+        everything.close()
+    assert not pub.is_alive()
+
+
+def test_heartbeat_only_when_idle() -> None:
+    pub = start_publisher(heartbeat_s=0.3)
+    c = Collector(pub.bound_endpoint)
+    try:
+        wait_until(lambda: len(c.of("heartbeat")) >= 3, 10, what="three heartbeats")
+        hb = c.of("heartbeat")
+        assert hb[0]["pid"] > 0 and hb[0]["host"]
+        gaps = [b["publish_ts"] - a["publish_ts"] for a, b in zip(hb, hb[1:])]
+        assert all(g >= 0.25 for g in gaps), gaps
+    finally:
+        pub.stop()
+        pub.join(5)
+        c.close()
+
+
+def test_subscriber_that_never_reads_does_not_slow_publisher() -> None:
+    pub = start_publisher(sndhwm=100)
+    ctx = zmq.Context()
+    stuck = ctx.socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 10)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(pub.bound_endpoint)
+    reader = Collector(pub.bound_endpoint)
+    try:
+        wait_until(lambda: reader.of("heartbeat"), 10, what="reader connected")
+        n = 5000
+        t0 = time.monotonic()
+        for i in range(n):
+            pub.publish_results([make_result("cam", i)])
+        enqueue_s = time.monotonic() - t0
+        # Everything was handed to the socket (the stuck SUB just loses its share).
+        wait_until(lambda: pub.sent_detections.get("cam", 0) >= n, 60, what="publisher to send all messages")
+        assert pub.dropped == 0
+        # The handoff never waits on the socket: 5k results in well under the time a
+        # blocked send would take (the reader below receives them too).
+        assert enqueue_s < 10, enqueue_s
+        assert pub.is_alive()
+    finally:
+        pub.stop()
+        pub.join(5)
+        stuck.close(0)
+        ctx.term()
+        reader.close()
+
+
+def test_flood_beyond_the_queue_is_dropped_and_counted_not_blocked() -> None:
+    pub = start_publisher(queue_size=50)
+    try:
+        n = 5000
+        for i in range(n):
+            pub.publish_results([make_result("cam", i)])
+        wait_until(lambda: pub.sent_detections.get("cam", 0) + pub.dropped >= n, 30, what="all messages sent or dropped")
+        assert pub.dropped > 0 and pub.sent_detections["cam"] + pub.dropped == n
+    finally:
+        pub.stop()
+        pub.join(5)
+
+
+def test_gap_tracker_reports_missing_and_restart() -> None:
+    g = GapTracker(per_camera=False)
+    assert g.check({"seq": 1, "pub": "x"}) is None
+    assert g.check({"seq": 2, "pub": "x"}) is None
+    assert "3 message(s) missing before seq 6" in (g.check({"seq": 6, "pub": "x"}) or "")
+    assert g.missing == 3
+    assert "restarted" in (g.check({"seq": 1, "pub": "y"}) or "")
+    cam = GapTracker(per_camera=True)
+    cam.check({"seq": 10, "cam_seq": 1, "camera": "a", "pub": "x"})
+    assert cam.check({"seq": 50, "cam_seq": 2, "camera": "a", "pub": "x"}) is None   # other cameras' seq
+    assert "missing" in (cam.check({"seq": 51, "cam_seq": 4, "camera": "a", "pub": "x"}) or "")
+
+
+def test_sub_command_prints_lines() -> None:
+    pub = start_publisher(heartbeat_s=0.2)
+    out = io.StringIO()
+    import threading
+    t = threading.Thread(target=run_sub, args=(pub.bound_endpoint, ["a"], False, 3, 20, out), daemon=True)
+    t.start()
+    try:
+        def feed() -> bool:
+            pub.publish_results([make_result("a", 1), make_result("b", 1)])
+            return not t.is_alive()
+        wait_until(feed, 20, interval=0.2, what="sub to print 3 detection lines")
+    finally:
+        pub.stop()
+        pub.join(5)
+    lines = out.getvalue().splitlines()
+    det_lines = [line for line in lines if " cam=" in line]
+    assert len(det_lines) == 3 and all("cam=a " in line for line in det_lines), lines
+    assert "person:0.88@1,2,300,400" in det_lines[0]
+
+
+def test_format_line_covers_all_types() -> None:
+    base = {"v": 1, "seq": 1, "pub": "x", "publish_ts": time.time()}
+    assert "HEALTH streaming -> lost" in format_line("cam/a/health", {**base, "type": "health", "camera": "a",
+                                                                    "state": "lost", "previous": "streaming",
+                                                                    "reason": "r"})
+    assert "heartbeat" in format_line("sys/heartbeat", {**base, "type": "heartbeat", "host": "h", "pid": 1})
