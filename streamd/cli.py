@@ -38,10 +38,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .daemon import Daemon
+    from .service import Notifier
     cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.log.level)
+    notifier = Notifier()
+    notifier.status("loading model")
     daemon = Daemon(cfg, args.config)
-    return daemon.run()
+    return daemon.run(notifier=notifier)
 
 
 def _cmd_sub(args: argparse.Namespace) -> int:

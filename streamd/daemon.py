@@ -26,6 +26,7 @@ from .postprocess import PostprocessParams
 from .publisher import Publisher
 from .queues import QueueSet
 from .scheduler import Pipeline
+from .service import Notifier, Watchdog
 from .sources.camera import CameraSource, configure_ffmpeg_defaults
 
 log = logging.getLogger("streamd.daemon")
@@ -82,6 +83,7 @@ class Daemon:
         self.reloads = {"ok": 0, "failed": 0}
         # A stage silent this long is hung: inference of one batch never legitimately takes it.
         self.watchdog_stall_s = 60.0
+        self._swapping = False      # a pipeline swap in progress is not a hung pipeline
         configure_ffmpeg_defaults()
         self.backend: Backend = _load_backend(cfg.model)
         self._model_id = _model_identity(cfg.model)
@@ -182,8 +184,9 @@ class Daemon:
         if err is not None:
             raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
 
-    def run(self, install_signals: bool = True) -> int:
+    def run(self, install_signals: bool = True, notifier: Notifier | None = None) -> int:
         """Start, supervise until a signal or a fatal error, stop. Returns an exit code."""
+        notifier = notifier or Notifier()
         if install_signals:
             # Handlers only set Events: the work happens in the main loop below, not inside
             # a signal handler that could interrupt a lock holder.
@@ -192,18 +195,40 @@ class Daemon:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_event.set())
         code = 0
         self.start()
+        watchdog = Watchdog(notifier, self.watchdog_health)
+        # READY once the model is loaded and the socket bound; cameras may still be connecting.
+        notifier.ready(f"model {self.backend.info.describe()}, {len(self.cameras)} cameras, "
+                       f"{self.publisher.bound_endpoint}")
+        watchdog.start()
         try:
             while not self.stop_event.wait(0.5):
                 if self.reload_event.is_set():
                     self.reload_event.clear()
-                    self.reload()
+                    notifier.reloading()
+                    ok = False
+                    try:
+                        ok = self.reload()
+                    finally:   # always: otherwise systemd stays in "reloading"
+                        notifier.ready_after_reload("config reloaded" if ok else
+                                                    "reload rejected; previous config running")
                 self.supervise_once()
         except StreamdError as exc:
             log.error("%s; stopping", exc)
             code = 1
         finally:
+            watchdog.stop()
+            notifier.stopping()
             self.shutdown()
+            notifier.close()
         return code
+
+    def watchdog_health(self) -> tuple[bool, str]:
+        if self._swapping:
+            return True, "reloading"
+        problem = self.health_problem()
+        if problem is not None:
+            return False, problem
+        return True, f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}"
 
     def request_stop(self, why: str = "") -> None:
         if not self.stop_event.is_set():
@@ -264,12 +289,14 @@ class Daemon:
         if model_changed or new.scheduler != old.scheduler:
             # The new model is already loaded and warm; swap pipelines, keep the queues.
             pipeline = self._make_pipeline(backend, new, params)
+            self._swapping = True
             self.pipeline.stop()
             # Counters carry over: metrics are monotonic across a reload.
             pipeline.stats, pipeline.inferred_per_camera = self.pipeline.stats, self.pipeline.inferred_per_camera
             old_backend, self.backend = self.backend, backend
             self.pipeline = pipeline
             pipeline.start()
+            self._swapping = False
             if old_backend is not backend:
                 old_backend.close()
                 self._model_id = _model_identity(new.model)

@@ -27,6 +27,9 @@ HealthCheck = Callable[[], tuple[bool, str]]
 # useful in "systemctl status" and only risks the datagram being refused.
 _MAX_STATUS_CHARS = 1024
 
+# While unhealthy, the health check runs this often (or every interval, if that is shorter).
+_UNHEALTHY_RECHECK_S = 1.0
+
 
 def _monotonic_usec() -> int:
     # systemd compares this with its own CLOCK_MONOTONIC reading to tell a fresh RELOADING=1
@@ -192,8 +195,9 @@ class Watchdog(threading.Thread):
     ``healthy()`` returns ``(ok, reason)``. While it returns False (or raises), the pings stop
     and ``STATUS=<reason>`` is sent once, so systemd kills and restarts the daemon after
     ``WatchdogSec=``: a hung inference call cannot be cancelled from inside the process, a
-    restart is the only cure. If it turns healthy again before that, pings resume and the reason
-    given with the healthy answer (or "running") becomes the status line.
+    restart is the only cure. While unhealthy it asks again every second; if the answer turns
+    healthy before systemd gives up, a ping goes out at once, the schedule restarts from there,
+    and the reason given with the healthy answer (or "running") becomes the status line.
 
     ``healthy()`` runs on this thread and must not block; if it ever does, the pings stop too,
     which is the safe failure. Without a configured watchdog the thread exits at once.
@@ -212,25 +216,35 @@ class Watchdog(threading.Thread):
         interval = self.interval_s
         if interval is None or not self.notifier.enabled:
             return
-        next_at = time.monotonic()
+        next_ping = time.monotonic()
         while not self.stop_event.is_set():
             ok, reason = self._check()
+            now = time.monotonic()
             if ok:
                 if self.notifier.watchdog():
                     self.pings += 1
                 if self.unhealthy_since is not None:
-                    log.warning("healthy again after %.1f s: watchdog pings resume",
-                                time.monotonic() - self.unhealthy_since)
+                    log.warning("healthy again after %.1f s: watchdog pings resume", now - self.unhealthy_since)
                     self.unhealthy_since = None
                     self.notifier.status(reason or "running")
-            elif self.unhealthy_since is None:
-                self.unhealthy_since = time.monotonic()
-                log.error("unhealthy: %s; watchdog pings stop, systemd will restart the service", reason)
-                self.notifier.status(f"unhealthy: {reason}")
-            # A fixed schedule rather than "interval after the last ping", so a slow health
-            # check does not push pings later and later; after a long stall it does not burst.
-            next_at = max(next_at + interval, time.monotonic())
-            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+                # A fixed schedule rather than "interval after the last ping", so a slow health
+                # check does not push pings later and later. If this thread was held up for
+                # more than an interval, start afresh instead of sending the missed pings back
+                # to back.
+                next_ping += interval
+                if next_ping <= now:
+                    next_ping = now + interval
+                self.stop_event.wait(next_ping - now)
+            else:
+                if self.unhealthy_since is None:
+                    self.unhealthy_since = now
+                    log.error("unhealthy: %s; watchdog pings stop, systemd will restart the service", reason)
+                    self.notifier.status(f"unhealthy: {reason}")
+                # Look again soon rather than one full interval later: after a short blip
+                # (a pipeline being swapped during a reload) the next ping must still reach
+                # systemd well before WatchdogSec runs out, and it goes out at once.
+                next_ping = now
+                self.stop_event.wait(min(interval, _UNHEALTHY_RECHECK_S))
 
     def _check(self) -> tuple[bool, str]:
         try:

@@ -1,7 +1,7 @@
 """One decoder thread per camera, as a small state machine.
 
     connecting -> streaming -> (lost | stalled) -> backoff -> connecting ...
-                          \-> ended (a file that does not loop)
+                          +-> ended (a file that does not loop)
     any state -> stopped
 
 Nothing here blocks without a timeout: OpenCV's FFmpeg backend gets open/read timeouts,
@@ -151,7 +151,10 @@ class CameraSource(threading.Thread):
             self.error = exc
             log.error("camera=%s thread failed: %s", self.cam.id, scrub(f"{type(exc).__name__}: {exc}"))
         finally:
-            self._set_state(State.STOPPED, self._stop_reason if self.stop_event.is_set() else "thread ended")
+            if self.stop_event.is_set():
+                self._set_state(State.STOPPED, self._stop_reason)
+            elif self.state != State.ENDED:
+                self._set_state(State.STOPPED, "decoder thread ended")
 
     def _run(self) -> None:
         attempt = 0

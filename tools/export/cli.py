@@ -1,0 +1,160 @@
+"""``streamd-export``: turn a YOLOv8 ``.pt`` into a model file plus manifest for streamd.
+
+Exit status: 0 on success; 2 for a problem with the input or options (bad weights file,
+wrong model kind, impossible size, a precision not implemented yet); 1 when an export that
+should have worked failed on the way (exporter or verification failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from streamd.errors import ExportError, StreamdError
+
+from .stages import ExportInputError, ExportRequest, ExportResult, run_export
+
+PROG = "streamd-export"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _imgsz(values: list[str], parser: argparse.ArgumentParser) -> tuple[int, int]:
+    if len(values) not in (1, 2):
+        parser.error(f"--imgsz takes N or H W, got {len(values)} values")
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError:
+        parser.error(f"--imgsz {' '.join(values)}: sizes must be integers")
+    if min(sizes) <= 0:
+        parser.error(f"--imgsz {' '.join(values)}: sizes must be positive")
+    return (sizes[0], sizes[-1])
+
+
+def parse_batch(text: str) -> tuple[int, int, bool]:
+    """``"4"`` -> static 4; ``"1-16"`` -> dynamic 1..16. Returns (min, max, dynamic)."""
+    parts = text.split("-")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--batch {text}: expected N or MIN-MAX (e.g. 4 or 1-16)") from None
+    if len(values) == 1:
+        lo = hi = values[0]
+    elif len(values) == 2:
+        lo, hi = values
+    else:
+        raise ValueError(f"--batch {text}: expected N or MIN-MAX (e.g. 4 or 1-16)")
+    if lo < 1 or hi < lo:
+        raise ValueError(f"--batch {text}: need 1 <= MIN <= MAX")
+    # "4-4" is a static batch of 4: a dynamic axis that can only be 4 buys nothing.
+    return lo, hi, hi > lo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a YOLOv8 detection checkpoint (.pt) for streamd: writes "
+                    "OUT_DIR/NAME.onnx and its manifest OUT_DIR/NAME.onnx.json.",
+        epilog="examples:\n"
+               "  streamd-export yolov8s.pt --imgsz 640 --batch 1-8\n"
+               "  streamd-export fall.pt --imgsz 384 640 --batch 4 --nms --conf 0.3 --name fall-nms",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", metavar="MODEL.pt", type=Path, help="Ultralytics YOLOv8 detection checkpoint")
+    p.add_argument("--imgsz", nargs="+", metavar="N", default=["640"],
+                   help="network input: N for N x N, or H W (multiples of the stride, 32); default 640")
+    p.add_argument("--batch", default="1", metavar="N|MIN-MAX",
+                   help="N for a static batch of N, MIN-MAX for a dynamic batch axis; default 1")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Ultralytics' choice)")
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
+                   help="simplify the graph with onnxslim (default: on)")
+    p.add_argument("--nms", action="store_true",
+                   help="put NMS in the graph: output (batch, max_det, 6) instead of the raw head")
+    p.add_argument("--conf", type=float, default=None,
+                   help="with --nms: score threshold baked into the graph (default 0.25)")
+    p.add_argument("--iou", type=float, default=None, help="with --nms: NMS IoU threshold (default 0.7)")
+    p.add_argument("--max-det", type=int, default=None,
+                   help="with --nms: detections kept per image (default 300)")
+    p.add_argument("--out-dir", type=Path, default=Path("engines"), help="output folder (default: engines/)")
+    p.add_argument("--name", default=None, help="output base name (default: the weights' file stem)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="numeric precision (this version implements fp32)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the exporter's own log, and tracebacks on failure")
+    return p
+
+
+def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExportRequest:
+    imgsz = _imgsz(args.imgsz, parser)
+    try:
+        bmin, bmax, dynamic = parse_batch(args.batch)
+    except ValueError as exc:
+        parser.error(str(exc))
+    nms_opts = {k: v for k, v in (("conf", args.conf), ("iou", args.iou), ("max_det", args.max_det))
+                if v is not None}
+    if nms_opts and not args.nms:
+        flags = ", ".join("--" + k.replace("_", "-") for k in nms_opts)
+        verb = "applies" if len(nms_opts) == 1 else "apply"
+        parser.error(f"{flags} {verb} only with --nms (without it, thresholds are set in the "
+                     f"streamd config at run time)")
+    return ExportRequest(weights=args.weights, imgsz=imgsz, batch_min=bmin, batch_max=bmax,
+                         dynamic_batch=dynamic, opset=args.opset, simplify=args.simplify,
+                         nms=args.nms, out_dir=args.out_dir, name=args.name,
+                         precision=args.precision, verbose=args.verbose, **nms_opts)
+
+
+def _summary(result: ExportResult) -> str:
+    m = result.manifest
+    h, w = m.imgsz
+    batch = f"{m.batch_min}-{m.batch_max}" if m.batch_min != m.batch_max else str(m.batch_max)
+    names = ", ".join(m.class_names[k] for k in sorted(m.class_names)[:6])
+    if len(m.class_names) > 6:
+        names += ", …"
+    nms = ""
+    if m.nms:
+        nms = f" (conf {m.nms['conf']}, iou {m.nms['iou']}, max_det {m.nms['max_det']})"
+    lines = [
+        f"{PROG}: wrote {result.model_path} ({result.size_bytes / 1e6:.1f} MB) "
+        f"and {result.manifest_path.name} in {result.seconds:.1f} s",
+        f"  classes: {len(m.class_names)} ({names})",
+        f"  input:   {m.input_name} batch {batch} x 3 x {h} x {w}, {m.precision}, opset {m.opset}",
+        f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
+    ]
+    lines += [f"  note:    {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    verbose = False
+    try:
+        # argparse reports usage errors (and --help) by raising SystemExit; it becomes the
+        # return value so callers always get an exit status back.
+        args = parser.parse_args(argv)
+        verbose = bool(args.verbose)
+        request = request_from_args(args, parser)
+        result = run_export(request)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except ExportInputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ExportError, StreamdError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug here or in a dependency: say so in one line
+        if verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "" if verbose else " (run with --verbose for the traceback)"
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {first[:300]}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_summary(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

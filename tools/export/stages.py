@@ -1,0 +1,223 @@
+"""The export pipeline: a request, a shared context, and named stages run in order.
+
+Each precision is a plan, i.e. a list of stage names. fp32 is ``preflight -> load -> onnx ->
+manifest -> verify -> install``. Later precisions slot their own stages between ``onnx`` and
+``manifest`` (an fp16 conversion, an int8 Q/DQ pass, an engine build) and reuse the rest, so
+the CLI and the manifest/verify/install steps never change shape.
+
+Stages communicate only through :class:`ExportContext`; each one reads what earlier stages
+put there and adds its own results. The pipeline times every stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamd.errors import ExportError
+from streamd.manifest import ModelManifest
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_IMGSZ = 640
+DEFAULT_CONF = 0.25
+DEFAULT_IOU = 0.7
+DEFAULT_MAX_DET = 300
+
+
+class ExportInputError(ExportError):
+    """The user's input (weights file, options) cannot be exported as asked.
+
+    Distinguished from a failure half-way through an export so the CLI can answer with the
+    usage exit status (2), like argparse does for a bad option.
+    """
+
+
+class ExportNotImplemented(ExportInputError):
+    """A valid request this version of the tool cannot fulfil yet."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything the user asked for; validated on construction."""
+
+    weights: Path
+    imgsz: tuple[int, int] = (DEFAULT_IMGSZ, DEFAULT_IMGSZ)    # (height, width)
+    batch_min: int = 1
+    batch_max: int = 1
+    dynamic_batch: bool = False
+    opset: int | None = None
+    simplify: bool = True
+    nms: bool = False
+    conf: float = DEFAULT_CONF
+    iou: float = DEFAULT_IOU
+    max_det: int = DEFAULT_MAX_DET
+    out_dir: Path = Path("engines")
+    name: str | None = None
+    precision: str = "fp32"
+    verbose: bool = False         # show Ultralytics' own log and warnings
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", Path(self.weights))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        h, w = (int(v) for v in self.imgsz)
+        object.__setattr__(self, "imgsz", (h, w))
+        if h <= 0 or w <= 0:
+            raise ExportInputError(f"--imgsz {h} {w}: sizes must be positive")
+        if not 1 <= self.batch_min <= self.batch_max:
+            raise ExportInputError(f"--batch {self.batch_min}-{self.batch_max}: need 1 <= MIN <= MAX")
+        if not self.dynamic_batch and self.batch_min != self.batch_max:
+            raise ExportInputError("a static batch has one size (batch_min == batch_max)")
+        if self.precision not in PRECISIONS:
+            raise ExportInputError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.conf < 1.0:
+            raise ExportInputError(f"--conf {self.conf}: must be in [0, 1)")
+        if not 0.0 < self.iou <= 1.0:
+            raise ExportInputError(f"--iou {self.iou}: must be in (0, 1]")
+        if self.max_det < 1:
+            raise ExportInputError(f"--max-det {self.max_det}: must be at least 1")
+        if self.name is not None:
+            check_name(self.name)
+
+    @property
+    def model_name(self) -> str:
+        """Base name of the outputs: ``--name`` (a trailing .onnx dropped) or the weights' stem."""
+        if self.name is None:
+            return self.weights.stem
+        return self.name[:-5] if self.name.lower().endswith(".onnx") and len(self.name) > 5 else self.name
+
+    def describe_batch(self) -> str:
+        return f"{self.batch_min}-{self.batch_max}" if self.dynamic_batch else str(self.batch_max)
+
+
+def check_name(name: str) -> None:
+    """Refuse names that would write outside ``--out-dir`` or hide the file."""
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+        raise ExportInputError(f"--name {name!r}: must be a plain file name (no folders, "
+                               f"not starting with '.')")
+
+
+@dataclass
+class ExportContext:
+    """What the stages share. Paths under ``workdir`` vanish when the pipeline ends."""
+
+    request: ExportRequest
+    workdir: Path
+    # Filled by the "load" stage.
+    yolo: Any = None                              # ultralytics.YOLO, loaded from a private copy
+    work_weights: Path | None = None              # that private copy (exports land beside it)
+    class_names: dict[int, str] = field(default_factory=dict)
+    strides: tuple[int, ...] = ()
+    source: dict[str, Any] = field(default_factory=dict)
+    # The current model file; each model-producing stage replaces it.
+    model_path: Path | None = None
+    model_format: str = "onnx"
+    precision: str = "fp32"
+    opset: int | None = None
+    input_name: str = "images"
+    output_names: list[str] = field(default_factory=list)
+    # Filled by "manifest" and "install".
+    manifest: ModelManifest | None = None
+    installed_path: Path | None = None
+    manifest_path: Path | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # facts worth a line in the summary
+
+    @property
+    def stride(self) -> int:
+        return max(self.strides) if self.strides else 32
+
+
+StageFn = Callable[[ExportContext], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: StageFn
+    description: str
+
+
+_STAGES: dict[str, Stage] = {}
+
+# Plans per precision. A precision listed in PRECISIONS but missing here is recognised by
+# the CLI and answered with ExportNotImplemented instead of a usage error.
+PLANS: dict[str, tuple[str, ...]] = {
+    "fp32": ("preflight", "load", "onnx", "manifest", "verify", "install"),
+}
+
+
+def register(name: str, description: str) -> Callable[[StageFn], StageFn]:
+    """Decorator: make ``fn`` available to plans as stage ``name``."""
+    def deco(fn: StageFn) -> StageFn:
+        if name in _STAGES:
+            raise RuntimeError(f"export stage {name!r} registered twice")
+        _STAGES[name] = Stage(name, fn, description)
+        return fn
+    return deco
+
+
+def _ensure_registered() -> None:
+    # The stage modules register themselves on import; importing them here keeps the
+    # registry complete however this module was reached.
+    from . import checkpoint, onnx_stage, output, preflight  # noqa: F401
+
+
+def plan_for(request: ExportRequest) -> list[Stage]:
+    """The stages that fulfil ``request``, or ExportNotImplemented before any work starts."""
+    _ensure_registered()
+    names = PLANS.get(request.precision)
+    if names is None:
+        done = ", ".join(sorted(PLANS))
+        raise ExportNotImplemented(
+            f"--precision {request.precision} is not implemented yet in this version "
+            f"(available: {done})")
+    missing = [n for n in names if n not in _STAGES]
+    if missing:  # a plan naming an unknown stage is a bug in this package, not user error
+        raise RuntimeError(f"export plan {request.precision} names unknown stage(s) {missing}")
+    return [_STAGES[n] for n in names]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model_path: Path
+    manifest_path: Path
+    manifest: ModelManifest
+    size_bytes: int
+    seconds: float
+    stage_seconds: dict[str, float]
+    notes: tuple[str, ...]
+
+
+def run_export(request: ExportRequest,
+               progress: Callable[[Stage], None] | None = None) -> ExportResult:
+    """Run the plan for ``request`` in a private scratch folder; return what was written.
+
+    Nothing is written to ``request.out_dir`` unless every stage before ``install``
+    succeeded, so a failed export never replaces a working model.
+    """
+    stages = plan_for(request)
+    t0 = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="streamd-export-"))
+    ctx = ExportContext(request=request, workdir=workdir, precision=request.precision)
+    try:
+        for stage in stages:
+            if progress is not None:
+                progress(stage)
+            ts = time.perf_counter()
+            stage.run(ctx)
+            ctx.stage_seconds[stage.name] = time.perf_counter() - ts
+    finally:
+        ctx.yolo = None
+        shutil.rmtree(workdir, ignore_errors=True)
+    if ctx.installed_path is None or ctx.manifest is None or ctx.manifest_path is None:
+        raise RuntimeError("export plan finished without installing a model")
+    return ExportResult(model_path=ctx.installed_path, manifest_path=ctx.manifest_path,
+                        manifest=ctx.manifest, size_bytes=ctx.installed_path.stat().st_size,
+                        seconds=time.perf_counter() - t0, stage_seconds=dict(ctx.stage_seconds),
+                        notes=tuple(ctx.notes))
+
