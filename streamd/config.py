@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -47,8 +47,17 @@ class SchedulerConfig(_Strict):
     pipeline_depth: int = Field(2, ge=1, le=4, description="batches in flight (prepared + running)")
 
 
+class CurveConfig(_Strict):
+    server_secret_key: Path = Field(description="this publisher's NAME.key_secret (streamd keys generate); "
+                                                "relative paths are relative to the config file")
+    allowed_clients_dir: Path = Field(description="folder of the public keys (*.key) of the clients "
+                                                  "allowed to subscribe; relative to the config file")
+
+
 class PublisherConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5555"
+    name: str | None = Field(None, description="sent as 'origin' in every message (default: the host name)")
+    curve: CurveConfig | None = Field(None, description="encrypt and admit only listed subscriber keys")
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     stats_interval_s: float = Field(10.0, gt=0, le=3600, description="how often the stats message goes out")
     sndhwm: int = Field(10000, ge=1)
@@ -60,6 +69,13 @@ class PublisherConfig(_Strict):
     def _endpoint(cls, v: str) -> str:
         if not re.match(r"^(tcp|ipc|inproc)://.+", v):
             raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not CAMERA_ID.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
         return v
 
 
@@ -270,8 +286,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     if check_files and not cfg.model.path.is_file():
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
                           line=_line_for(("model", "path"), lines))
+    cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
     for i, cam in enumerate(cfg.cameras):
-        if cam.kind == "file" and check_files:
+        if cam.kind == "file" and check_files and cam.enabled:
             path = cam.url[len("file://"):] if cam.url.startswith("file://") else cam.url
             p = Path(path)
             if not p.is_absolute() and base_dir is not None:
@@ -286,7 +303,34 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     return cfg
 
 
-def _validation_error(exc: ValidationError, lines: dict[tuple[Any, ...], int], source: str) -> ConfigError:
+def _resolve_curve_keys(cfg: Config, source: str, base_dir: Path | None,
+                        lines: dict[tuple[Any, ...], int], check_files: bool) -> Config:
+    """Key paths follow the config file like model.path; with ``check_files`` the keys are
+    read now, so a bad key fails ``streamd check`` rather than the daemon's start."""
+    curve = cfg.publisher.curve
+    if curve is None:
+        return cfg
+    from .security import KeyFileError, load_allowed_keys, load_secret_key_file
+    update: dict[str, Path] = {}
+    for name in ("server_secret_key", "allowed_clients_dir"):
+        p: Path = getattr(curve, name)
+        if not p.is_absolute() and base_dir is not None:
+            update[name] = base_dir / p
+    curve = curve.model_copy(update=update)
+    cfg = cfg.model_copy(update={"publisher": cfg.publisher.model_copy(update={"curve": curve})})
+    if check_files:
+        checks = (("server_secret_key", load_secret_key_file), ("allowed_clients_dir", load_allowed_keys))
+        for name, load in checks:
+            try:
+                load(getattr(curve, name))
+            except KeyFileError as exc:
+                raise ConfigError(str(exc), source=source, field=f"publisher.curve.{name}",
+                                  line=_line_for(("publisher", "curve", name), lines)) from None
+    return cfg
+
+
+def _validation_error(exc: ValidationError, lines: dict[tuple[Any, ...], int], source: str,
+                      field_name: Callable[[tuple[Any, ...]], str] = _dotted) -> ConfigError:
     problems = []
     first: tuple[str, int | None] | None = None
     for err in exc.errors():
@@ -294,7 +338,7 @@ def _validation_error(exc: ValidationError, lines: dict[tuple[Any, ...], int], s
         # pydantic puts union member names in loc ("int", "str"): drop them from the path.
         loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "float", "bool")
                                             and p not in ("id",)))
-        field = _dotted(loc)
+        field = field_name(loc)
         line = _line_for(loc, lines)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and indentation)"
@@ -326,3 +370,53 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config ({exc})", source=str(p)) from None
     return parse_config(text, source=str(p), base_dir=p.resolve().parent, env=env, check_files=check_files)
+
+
+# ---- the same loading for other YAML files (alert rules, ...) -----------------------------
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml(text: str, source: str = "<config>", env: dict[str, str] | None = None,
+              expected: str = "a mapping at the top level") -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    """YAML text -> (data with ``${ENV}`` expanded, 1-based line of every value's path).
+
+    Raises ``ConfigError`` with the line for invalid YAML, duplicate keys, an empty file,
+    a top level that is not a mapping (``expected`` says what it should be) and unset
+    environment variables."""
+    env = dict(os.environ) if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(f"invalid YAML ({exc.problem or exc.context})", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    if root is None:
+        raise ConfigError("the file is empty", source=source)
+    lines: dict[tuple[Any, ...], int] = {}
+    data = _node_to_python(root, (), lines, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected {expected}", source=source, line=1)
+    return _expand_env(data, (), lines, source, env), lines
+
+
+def validate_model(model: type[ModelT], data: Any, lines: dict[tuple[Any, ...], int], source: str,
+                   field_name: Callable[[tuple[Any, ...]], str] = _dotted) -> ModelT:
+    """``model.model_validate(data)`` with every problem reported as ``source:line: field: ...``.
+
+    ``field_name`` turns a pydantic location into the name shown (default: ``a.b[2].c``),
+    e.g. to add a list item's own name to its index."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, lines, source, field_name) from None
+
+
+def parse_model(model: type[ModelT], text: str, source: str = "<config>", env: dict[str, str] | None = None,
+                field_name: Callable[[tuple[Any, ...]], str] = _dotted,
+                expected: str = "a mapping at the top level") -> tuple[ModelT, dict[tuple[Any, ...], int]]:
+    """Load any pydantic model from YAML text with line-numbered errors; also returns the
+    line table so callers can point their own checks at a line."""
+    data, lines = load_yaml(text, source, env, expected)
+    return validate_model(model, data, lines, source, field_name), lines
+

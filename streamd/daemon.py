@@ -250,7 +250,13 @@ class Daemon:
         self.backend.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        alive = [t.name for t in (*self.cameras.values(), *self.pipeline.threads, self.publisher) if t.is_alive()]
+        # A decoder inside a native open/read can't be interrupted; it holds no frames, so the
+        # process may exit without it (it would end by its own timeout).
+        blocked = [c.name for c in self.cameras.values() if c.is_alive() and c.blocked_in_decoder]
+        if blocked:
+            log.info("not waiting for %s: inside a decoder call that ends by its own timeout", ", ".join(blocked))
+        alive = [t.name for t in (*self.cameras.values(), *self.pipeline.threads, self.publisher)
+                 if t.is_alive() and t.name not in blocked]
         if alive:
             log.warning("threads still running after shutdown: %s", ", ".join(alive))
         else:

@@ -52,8 +52,10 @@ class GapTracker:
 
 
 def subscribe(endpoint: str, cameras: list[str] | None = None, timeout_s: float | None = None,
-              context: zmq.Context | None = None, rcvhwm: int = 100000) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield decoded messages until ``timeout_s`` passes with none (None: forever)."""
+              context: zmq.Context | None = None, rcvhwm: int = 100000,
+              until: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield decoded messages until ``timeout_s`` passes with none (None: forever), or
+    until the monotonic time ``until``, whichever comes first."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -68,12 +70,16 @@ def subscribe(endpoint: str, cameras: list[str] | None = None, timeout_s: float 
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     try:
+        last = time.monotonic()
         while True:
-            wait_ms = None if timeout_s is None else int(timeout_s * 1000)
-            if not poller.poll(wait_ms if wait_ms is not None else 1000):
-                if timeout_s is not None:
-                    return
+            now = time.monotonic()
+            if until is not None and now >= until:
+                return
+            if timeout_s is not None and now - last >= timeout_s:
+                return
+            if not poller.poll(200):
                 continue
+            last = time.monotonic()
             parts = sock.recv_multipart()
             try:
                 yield protocol.decode(parts)

@@ -56,16 +56,18 @@ EXIT_BIND = 3
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 RESTART_TIMEOUT_S = 15.0
-POLL_S = 0.05
 
 
 class MediaSetLike(Protocol):
     """What tests use of ``make_test_media.MediaSet`` (loaded by path, so not importable)."""
 
     name: str
+    source: Path
     frames_dir: Path
     frame_count: int
-    size: tuple[int, int]
+    size: tuple[int, int]  # (width, height)
+    fps: int  # nominal rate written into the clips
+    mp4: Path | None
     h264: Path | None
 
     @property
@@ -126,7 +128,8 @@ def redact(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@" + (f"[{host}]" if ":" in host else host)
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -136,3 +136,11 @@ def test_check_command_prints_one_clear_line(tmp_path: Path, model_file: Path) -
                        text=True, timeout=60, env={"DOOR_PW": "topsecret1", "YARD_PW": "x", "PATH": "/usr/bin"})
     assert r.returncode == 0, r.stderr
     assert "OK (2 cameras" in r.stdout and "topsecret1" not in r.stdout
+
+
+def test_example_config_in_the_repo_is_valid() -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+    cfg = load_config(path, env={"DOOR_PASSWORD": "pw1", "YARD_PASSWORD": "pw2"}, check_files=False)
+    assert [c.id for c in cfg.cameras] == ["door", "yard", "replay", "desk"]
+    assert cfg.model.path.name == "fall-yolov8s.onnx"
+    assert cfg.cameras[3].kind == "usb"

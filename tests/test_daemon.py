@@ -150,3 +150,46 @@ def test_port_in_use_is_one_clear_error(yolov8n_onnx_320: Path, daemon_factory) 
     finally:
         s.close(0)
         ctx.term()
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    import random
+
+    from streamd.sources.camera import backoff_delay
+    rng = random.Random(1)
+    for attempt, step in [(0, 1), (1, 2), (2, 4), (3, 8), (10, 30), (50, 30)]:
+        delays = [backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(200)]
+        assert all(step / 2 <= d <= step for d in delays), (attempt, min(delays), max(delays))
+        assert max(delays) - min(delays) > step / 10           # jittered, not lock-step
+
+
+@pytest.mark.slow
+def test_fps_cap_drops_at_decode_and_a_stuck_subscriber_changes_nothing(
+        yolov8n_onnx_320: Path, test_media, daemon_factory, collector_factory) -> None:
+    import zmq
+    cams = [{"id": "capped", "url": str(test_media["bus"].mp4), "loop": True, "fps": 2},
+            {"id": "free", "url": str(test_media["zidane"].mp4), "loop": True}]
+    cfg = base_config(yolov8n_onnx_320, cams)
+    ctx = zmq.Context()
+    stuck = ctx.socket(zmq.SUB)       # connected, subscribed to everything, never reads
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(cfg["publisher"]["endpoint"])
+    try:
+        c = collector_factory(cfg["publisher"]["endpoint"])
+        d = daemon_factory(cfg)
+        first = c.wait_for(lambda m: m["type"] == "detections" and m["camera"] == "capped", 60, "capped frames")
+        wait_until(lambda: any(m["capture_ts"] - first["capture_ts"] >= 6 for m in c.of("detections", "capped")),
+                   40, what="6 s of the capped camera")
+        capped = [m for m in c.of("detections", "capped") if m["capture_ts"] - first["capture_ts"] <= 6]
+        rate = (len(capped) - 1) / 6
+        assert 1.4 <= rate <= 2.6, rate                  # the file plays at 10 fps; 2 are kept
+        stats = c.wait_for(lambda m: m["type"] == "stats" and m["cameras"]["capped"]["dropped"]["fps_cap"] > 10,
+                           20, "fps_cap drops counted")
+        assert stats["cameras"]["free"]["dropped"]["fps_cap"] == 0
+        free = c.of("detections", "free")
+        assert len(free) > 2 * len(capped)               # the stuck SUB slowed nobody down
+        assert d.stop() == 0
+    finally:
+        stuck.close(0)
+        ctx.term()

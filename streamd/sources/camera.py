@@ -34,7 +34,10 @@ log = logging.getLogger("streamd.source")
 # OpenCV reads this when a capture opens; the transport is per camera, so an open with a
 # non-default transport swaps it under a lock (all-TCP configs never take the lock).
 _FFMPEG_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-_DEFAULT_FFMPEG_OPTIONS = "rtsp_transport;tcp"
+# FFmpeg studies 5 s of a stream by default before the open returns; one second is plenty
+# for a single video stream and makes (re)connecting several seconds faster.
+_PROBE_OPTIONS = "analyzeduration;1000000"
+_DEFAULT_FFMPEG_OPTIONS = f"rtsp_transport;tcp|{_PROBE_OPTIONS}"
 _open_lock = threading.Lock()
 
 
@@ -103,6 +106,7 @@ class CameraSource(threading.Thread):
         self._rng = random.Random()
         self._frame_no = 0
         self._in_read_since = 0.0           # monotonic time a read began; 0 when not reading
+        self.in_native_open = False         # inside cv2.VideoCapture(...): cannot be interrupted
         self._stall_reported = False
         self._lock = threading.Lock()
         self._stop_reason = "daemon stopping"
@@ -187,6 +191,18 @@ class CameraSource(threading.Thread):
         self.stop_event.wait(delay)
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
+        self.in_native_open = True
+        try:
+            return self._open_capture()
+        finally:
+            self.in_native_open = False
+
+    @property
+    def blocked_in_decoder(self) -> bool:
+        """Inside a native open or read that only its own timeout ends."""
+        return self.in_native_open or bool(self._in_read_since)
+
+    def _open_capture(self) -> tuple[cv2.VideoCapture | None, str]:
         kind = self.cam.kind
         url = self.cam.open_url()
         open_ms = int(self.defaults.open_timeout_s * 1000)
@@ -199,7 +215,7 @@ class CameraSource(threading.Thread):
             elif kind == "rtsp" and self.cam.transport != "tcp":
                 with _open_lock:
                     saved = os.environ.get(_FFMPEG_ENV)
-                    os.environ[_FFMPEG_ENV] = f"rtsp_transport;{self.cam.transport}"
+                    os.environ[_FFMPEG_ENV] = f"rtsp_transport;{self.cam.transport}|{_PROBE_OPTIONS}"
                     try:
                         cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
                     finally:
