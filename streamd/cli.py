@@ -51,9 +51,16 @@ def _cmd_sub(args: argparse.Namespace) -> int:
     from .subscriber import run_sub
     try:
         return run_sub(args.endpoint, args.camera, args.json, args.count, args.timeout,
-                       snapshot_dir=Path(args.save_snapshots) if args.save_snapshots else None)
+                       snapshot_dir=Path(args.save_snapshots) if args.save_snapshots else None,
+                       server_key=args.server_key, client_key=args.client_key)
     except KeyboardInterrupt:
         return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .detect_client import run_detect
+    return run_detect(args.images, args.endpoint, args.priority, args.conf, args.out, args.timeout,
+                      args.json, args.client_id)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -84,11 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="exit after this many seconds without a message")
     s.add_argument("--save-snapshots", metavar="DIR",
                    help="write each camera's latest snapshot, boxes drawn, to DIR/<camera>.jpg")
+    s.add_argument("--server-key", type=Path, metavar="FILE",
+                   help="CURVE: the publisher's public key file (NAME.key); needs --client-key")
+    s.add_argument("--client-key", type=Path, metavar="FILE",
+                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
     s.set_defaults(func=_cmd_sub)
+    d = sub.add_parser("detect", help="submit images to a running daemon and print detections")
+    d.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
+    d.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the daemon's requests.endpoint")
+    d.add_argument("--priority", type=int, default=0, help="-10..10, higher first")
+    d.add_argument("--conf", type=float, help="confidence threshold for these images")
+    d.add_argument("--client-id", help="names this client in metrics and the PUB topic")
+    d.add_argument("--out", metavar="DIR", help="write annotated pictures here")
+    d.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    d.add_argument("--json", action="store_true", help="one JSON object per image")
+    d.set_defaults(func=_cmd_detect)
+
     st = sub.add_parser("status", help="print the daemon's per-camera stats as a table")
     st.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
     st.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a stats message")
     st.set_defaults(func=_cmd_status)
+
+    from .keys_cli import register as register_keys
+    from .relay import register as register_relay
+    register_keys(sub)
+    register_relay(sub)
     return p
 
 

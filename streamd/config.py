@@ -160,6 +160,23 @@ class CameraConfig(_Strict):
         return redact_url(self.url)
 
 
+class RequestsConfig(_Strict):
+    enabled: bool = Field(False, description="serve on-demand image requests on a ZeroMQ ROUTER socket")
+    endpoint: str = "tcp://127.0.0.1:5556"
+    queue_size: int = Field(32, ge=1, le=10000, description="accepted requests waiting; beyond: 'busy'")
+    share: float = Field(0.25, ge=0, le=1, description="part of each batch kept for requests while cameras wait")
+    max_image_bytes: int = Field(20_000_000, ge=1000)
+    max_pixels: int = Field(50_000_000, ge=1000)
+    timeout_s: float = Field(30, gt=0, description="an accepted request not inferred by then gets an error")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.match(r"^(tcp|ipc|inproc)://.+", v):
+            raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+        return v
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Prometheus endpoint address; loopback by default")
@@ -176,6 +193,7 @@ class Config(_Strict):
     publisher: PublisherConfig = PublisherConfig()
     sources: SourceDefaults = SourceDefaults()
     cameras: list[CameraConfig] = Field(default_factory=list)
+    requests: RequestsConfig = RequestsConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 

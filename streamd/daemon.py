@@ -25,6 +25,7 @@ from .metrics import MetricsServer, PipelineMetrics, build_registry
 from .postprocess import PostprocessParams
 from .publisher import Publisher
 from .queues import QueueSet
+from .requests import RequestServer
 from .scheduler import Pipeline
 from .service import Notifier, Watchdog
 from .sources.camera import CameraSource, configure_ffmpeg_defaults
@@ -90,14 +91,24 @@ class Daemon:
         self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
+        self.request_server: RequestServer | None = None
         try:
             params = postprocess_params(cfg, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats)
+            if cfg.requests.enabled:
+                self.request_server = RequestServer(cfg.requests, self.queues.ready, self.backend.info.names,
+                                                    default_params=lambda: self.pipeline.params,
+                                                    publish=self.publisher.publish_request_result)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
             if cfg.metrics.enabled:
-                self.metrics_server = MetricsServer(build_registry(self.stats, self.pipeline_metrics),
-                                                    cfg.metrics.host, cfg.metrics.port, health=self.health_problem)
+                registry = build_registry(self.stats, self.pipeline_metrics)
+                if self.request_server is not None:
+                    registry.register_collector(self.request_server.metrics)
+                self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
+                                                    health=self.health_problem)
         except BaseException:
+            if self.request_server is not None:
+                self.request_server.close_socket()
             if self.publisher is not None:
                 self.publisher.close_socket()
             self.backend.close()
@@ -105,11 +116,24 @@ class Daemon:
 
     def _make_pipeline(self, backend: Backend, cfg: Config, params: PostprocessParams) -> Pipeline:
         return Pipeline(backend, cfg.scheduler, params, self._on_results,
-                        on_frame_dropped=self._on_frame_dropped, queues=self.queues)
+                        on_frame_dropped=self._on_frame_dropped, queues=self.queues,
+                        requests=self.request_server.queue if self.request_server is not None else None,
+                        request_share=cfg.requests.share)
 
     # ---- callbacks from stage threads ---------------------------------------------------------
     def _on_results(self, results: list[FrameResult], frames: list[Frame]) -> None:
-        """Runs on the post thread: attach the snapshots cameras asked for, then publish."""
+        """Runs on the post thread: answer requests, attach the snapshots cameras asked for,
+        then publish."""
+        if any(f.request is not None for f in frames):
+            cams = []
+            for r, f in zip(results, frames):
+                if f.request is None:
+                    cams.append((r, f))
+                elif self.request_server is not None:
+                    self.request_server.complete(f.request, r.detections, r.timings.get("infer", 0.0))
+            results, frames = [r for r, _ in cams], [f for _, f in cams]
+            if not results:
+                return
         snaps: list[bytes | None] | None = None
         for i, (r, f) in enumerate(zip(results, frames)):
             src = self.cameras.get(r.camera_id)
@@ -167,6 +191,8 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.start()
         self.publisher.start()
+        if self.request_server is not None:
+            self.request_server.start()
         self.pipeline.start()
         for cam in self.cfg.cameras:
             if cam.enabled:
@@ -180,7 +206,8 @@ class Daemon:
         now = time.monotonic()
         for cam in list(self.cameras.values()):
             cam.check_stall(now)
-        err = self.pipeline.first_error() or self.publisher.error
+        err = self.pipeline.first_error() or self.publisher.error or \
+            (self.request_server.error if self.request_server is not None else None)
         if err is not None:
             raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
 
@@ -244,7 +271,14 @@ class Daemon:
         self.queues.wake_all()
         for cam in self.cameras.values():
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
+        if self.request_server is not None:
+            self.request_server.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        if self.request_server is not None:
+            # The pipeline drained: whatever is still waiting gets its answer now.
+            self.request_server.fail_all_pending("the daemon is shutting down")
+            self.request_server.stop()
+            self.request_server.join(max(0.5, deadline - time.monotonic()))
         self.publisher.stop()
         self.publisher.join(max(0.5, deadline - time.monotonic()))
         self.backend.close()
@@ -255,8 +289,10 @@ class Daemon:
         blocked = [c.name for c in self.cameras.values() if c.is_alive() and c.blocked_in_decoder]
         if blocked:
             log.info("not waiting for %s: inside a decoder call that ends by its own timeout", ", ".join(blocked))
-        alive = [t.name for t in (*self.cameras.values(), *self.pipeline.threads, self.publisher)
-                 if t.is_alive() and t.name not in blocked]
+        threads = [*self.cameras.values(), *self.pipeline.threads, self.publisher]
+        if self.request_server is not None:
+            threads.append(self.request_server)
+        alive = [t.name for t in threads if t.is_alive() and t.name not in blocked]
         if alive:
             log.warning("threads still running after shutdown: %s", ", ".join(alive))
         else:
@@ -354,4 +390,7 @@ class Daemon:
                           "infer_ms_mean": round(1000 * st.infer_s_total / st.batches, 2) if st.batches else None},
             "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped},
             "reloads": dict(self.reloads),
+            **({"requests": {"queued": len(self.request_server.queue),
+                             **self.request_server.metrics.outcome_counts()}}
+               if self.request_server is not None else {}),
         }

@@ -7,6 +7,7 @@ cameras, the publisher nothing of backends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ class Frame:
     capture_ts: float       # wall clock (time.time()) when the decoder returned it
     capture_mono: float     # time.monotonic() at the same instant; ages use this
     image: np.ndarray       # HxWx3 uint8, BGR (OpenCV's order)
+    request: Any = None     # an on-demand request (streamd.requests.Request) instead of a camera frame
 
     @property
     def size(self) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from .config import PublisherConfig
 from .entities import FrameResult
 from .errors import PublishError
 from .redact import scrub
+from .security import KeyFileError, ServerSecurity, apply_server, load_allowed_keys, load_secret_key_file
 
 log = logging.getLogger("streamd.publisher")
 
@@ -63,20 +64,43 @@ class Publisher(threading.Thread):
     def _bind(self) -> None:
         # Bind in the constructor (caller's thread) so a bad endpoint fails start-up loudly;
         # the socket is then used only by this thread.
+        curve = self.cfg.curve
         if not endpoint_is_loopback(self.cfg.endpoint):
-            if not self.cfg.allow_non_loopback:
+            if curve is not None:
+                log.info("publishing on %s with CURVE: encrypted, only listed client keys may subscribe",
+                         self.cfg.endpoint)
+            elif not self.cfg.allow_non_loopback:
                 raise PublishError(f"publisher.endpoint {self.cfg.endpoint} is not a loopback address; "
-                                   f"set publisher.allow_non_loopback: true to publish to the network")
-            log.warning("publishing on %s: reachable from the network, messages are not encrypted",
-                        self.cfg.endpoint)
+                                   f"configure publisher.curve to encrypt it, or set "
+                                   f"publisher.allow_non_loopback: true to publish unencrypted to the network")
+            else:
+                log.warning("publishing on %s: reachable from the network, messages are not encrypted",
+                            self.cfg.endpoint)
+        self._security: ServerSecurity | None = None
+        self._own_ctx: zmq.Context | None = None
+        if curve is not None:
+            try:
+                server_keys = load_secret_key_file(curve.server_secret_key)
+                allowed = load_allowed_keys(curve.allowed_clients_dir)
+            except KeyFileError as exc:
+                raise PublishError(f"publisher.curve: {exc}") from None
+            # The ZAP handler is per context: a private one keeps this key list from applying
+            # to, or clashing with, any other socket of the process.
+            self._own_ctx = self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, self.cfg.sndhwm)
         sock.setsockopt(zmq.LINGER, 500)
         try:
+            if curve is not None:
+                self._security = apply_server(sock, server_keys, allowed)
             sock.bind(self.cfg.endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, KeyFileError) as exc:
             sock.close(0)
+            self._close_security()
             raise PublishError(f"cannot bind publisher.endpoint {self.cfg.endpoint}: {exc}") from None
+        if curve is not None and self._security is not None:
+            log.info("CURVE on: %d allowed client key(s) from %s", self._security.allowed,
+                     curve.allowed_clients_dir)
         self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._sock = sock
 
@@ -85,6 +109,16 @@ class Publisher(threading.Thread):
         if self._sock is not None and not self.is_alive():
             self._sock.close(0)
             self._sock = None
+            self._close_security()
+
+    def _close_security(self) -> None:
+        """Stop the ZAP thread and end the private context; after the socket is closed."""
+        if self._security is not None:
+            self._security.stop()
+            self._security = None
+        if self._own_ctx is not None:
+            self._own_ctx.term()
+            self._own_ctx = None
 
     # ---- called from any thread ----------------------------------------------------------
     def _enqueue(self, topic: bytes, body: dict[str, Any], attachment: bytes | None = None) -> bool:
@@ -116,6 +150,9 @@ class Publisher(threading.Thread):
             if jpeg is not None:
                 body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(jpeg)}
             self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg)
+
+    def publish_request_result(self, client_id: str, body: dict[str, Any]) -> None:
+        self._enqueue(f"req/{client_id}/result".encode(), body)
 
     def publish_health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
         self._enqueue(protocol.health_topic(camera_id), {
@@ -159,12 +196,16 @@ class Publisher(threading.Thread):
             log.error("publisher failed: %s", exc)
         finally:
             sock.close(linger=500)
+            self._close_security()
 
     def _send(self, sock: zmq.Socket, topic: bytes, body: dict[str, Any], attachment: bytes | None = None) -> None:
         self._seq += 1
         body["v"] = protocol.PROTOCOL_VERSION
         body["seq"] = self._seq
         body["pub"] = self.publisher_id
+        # Through a relay, many daemons share one stream: these say which box sent what.
+        body["host"] = self.host
+        body["origin"] = self.cfg.name or self.host
         cam = body.get("camera")
         if cam is not None:
             self._cam_seq[cam] = self._cam_seq.get(cam, 0) + 1

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class Pipeline:
 
     def __init__(self, backend: Backend, cfg: SchedulerConfig, params: PostprocessParams,
                  sink: ResultSink, on_frame_dropped: Callable[[str, str], None] | None = None,
-                 queues: QueueSet | None = None) -> None:
+                 queues: QueueSet | None = None, requests: Any = None, request_share: float = 0.25) -> None:
         self.backend = backend
         self.cfg = cfg
         self.params = params
@@ -99,6 +99,8 @@ class Pipeline:
         info = backend.info
         self.max_batch = min(cfg.max_batch, info.batch_max)
         self.queues = queues or QueueSet()
+        self.requests = requests            # streamd.requests.RequestQueue, or None
+        self.request_share = request_share
         self.ready = self.queues.ready
         self._rr_next = 0
         self._alive_mono = {"scheduler": time.monotonic(), "postprocess": time.monotonic()}
@@ -194,12 +196,38 @@ class Pipeline:
                     self._rr_next = (start + k + 1) % len(order)
                     break
 
+    def _take_requests(self, want: int, out: list[Frame]) -> None:
+        from .requests import as_frame
+        now = time.monotonic()
+        while want > 0:
+            req = self.requests.pop_locked()
+            if req is None:
+                return
+            req.started_mono = now
+            out.append(as_frame(req))
+            want -= 1
+
+    def _take(self, want: int, now: float, out: list[Frame]) -> None:
+        """Fill up to ``want`` slots. While both wait, requests get ``request_share`` of the
+        batch (at least one slot) and cameras the rest, so neither can starve the other;
+        whatever one side leaves unused, the other may take."""
+        reqs = self.requests
+        if reqs is None or not len(reqs):
+            self._take_round_robin(want, now, out)
+            return
+        cameras_waiting = any(len(q) for q in (self.queues.get(c) for c in self.queues.order) if q)
+        reserve = max(1, round(self.request_share * self.max_batch)) if cameras_waiting else want
+        start = len(out)
+        self._take_requests(min(want, reserve), out)
+        self._take_round_robin(want - (len(out) - start), now, out)
+        self._take_requests(want - (len(out) - start), out)
+
     def _collect(self, stop: threading.Event) -> list[Frame]:
         frames: list[Frame] = []
         deadline: float | None = None
         with self.ready:
             while not stop.is_set():
-                self._take_round_robin(self.max_batch - len(frames), time.monotonic(), frames)
+                self._take(self.max_batch - len(frames), time.monotonic(), frames)
                 if len(frames) >= self.max_batch:
                     break
                 now = time.monotonic()
@@ -266,6 +294,21 @@ class Pipeline:
                         raise RuntimeError("postprocess thread is gone; cannot hand over results") from None
 
     # ---- post thread ------------------------------------------------------------------------
+    def _postprocess(self, batch: Batch, info: Any) -> list[tuple]:
+        """Decode the batch; requests with their own thresholds are decoded with those."""
+        assert batch.outputs is not None
+        groups = _split_params(batch.frames, self.params)
+        if len(groups) == 1:
+            (params,) = groups
+            return postprocess(batch.outputs, info.output_layout, batch.letterboxes, info.names, params)
+        out: list[tuple] = [()] * len(batch.frames)
+        for params, idx in groups.items():
+            dets = postprocess(batch.outputs[idx], info.output_layout, [batch.letterboxes[i] for i in idx],
+                               info.names, params)
+            for i, d in zip(idx, dets):
+                out[i] = d
+        return out
+
     def _post_loop(self, stop: threading.Event) -> None:
         info = self.backend.info
         while True:
@@ -278,13 +321,14 @@ class Pipeline:
                 continue
             assert batch.outputs is not None
             t0 = time.monotonic()
-            dets = postprocess(batch.outputs, info.output_layout, batch.letterboxes, info.names, self.params)
+            dets = self._postprocess(batch, info)
             t1 = time.monotonic()
             self.stats.post_s_total += t1 - t0
             results = []
             for frame, d in zip(batch.frames, dets):
                 w, h = frame.size
-                self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
+                if frame.request is None:
+                    self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
                 results.append(FrameResult(
                     frame.camera_id, frame.frame_no, frame.capture_ts, frame.capture_mono, w, h, d,
                     timings={"queue": batch.t_closed - frame.capture_mono,
@@ -293,6 +337,14 @@ class Pipeline:
                              "infer": batch.t_inferred - batch.t_infer_start,
                              "post": t1 - t0}))
             self.sink(results, batch.frames)
+
+
+def _split_params(frames: list[Frame], default: PostprocessParams) -> dict[PostprocessParams, list[int]]:
+    groups: dict[PostprocessParams, list[int]] = {}
+    for i, f in enumerate(frames):
+        p = f.request.params if f.request is not None and f.request.params is not None else default
+        groups.setdefault(p, []).append(i)
+    return groups
 
 
 class _FnWorker(_Worker):

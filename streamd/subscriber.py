@@ -17,6 +17,7 @@ from typing import Any, Iterator, TextIO
 import zmq
 
 from . import protocol
+from .security import CurveKeys, KeyFileError, apply_client, load_key_file, load_secret_key_file
 
 
 @dataclass
@@ -51,11 +52,26 @@ class GapTracker:
         return notice
 
 
+def curve_client_keys(server_key: Path | str | None,
+                      client_key: Path | str | None) -> tuple[bytes, CurveKeys] | None:
+    """(server public key, client key pair) for a CURVE connection, or None for plain.
+
+    ``server_key`` is the server's ``.key`` file, ``client_key`` this client's ``.key_secret``
+    file; a CURVE server admits only clients whose public key it lists."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        raise KeyFileError("CURVE needs both the server's public key and this client's secret key file")
+    return load_key_file(server_key).public, load_secret_key_file(client_key)
+
+
 def subscribe(endpoint: str, cameras: list[str] | None = None, timeout_s: float | None = None,
               context: zmq.Context | None = None, rcvhwm: int = 100000,
-              until: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+              until: float | None = None, server_key: Path | str | None = None,
+              client_key: Path | str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield decoded messages until ``timeout_s`` passes with none (None: forever), or
     until the monotonic time ``until``, whichever comes first."""
+    curve = curve_client_keys(server_key, client_key)
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -66,6 +82,8 @@ def subscribe(endpoint: str, cameras: list[str] | None = None, timeout_s: float 
         sock.setsockopt(zmq.SUBSCRIBE, protocol.SYSTEM_PREFIX)
     else:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if curve is not None:
+        apply_client(sock, *curve)
     sock.connect(endpoint)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -130,10 +148,11 @@ def save_snapshot(body: dict[str, Any], folder: Path) -> Path | None:
 
 
 def run_sub(endpoint: str, cameras: list[str] | None, as_json: bool, count: int | None,
-            timeout_s: float | None, out: TextIO = sys.stdout, snapshot_dir: Path | None = None) -> int:
+            timeout_s: float | None, out: TextIO = sys.stdout, snapshot_dir: Path | None = None,
+            server_key: Path | None = None, client_key: Path | None = None) -> int:
     gaps = GapTracker(per_camera=bool(cameras))
     n = 0
-    for topic, body in subscribe(endpoint, cameras, timeout_s):
+    for topic, body in subscribe(endpoint, cameras, timeout_s, server_key=server_key, client_key=client_key):
         if snapshot_dir is not None and "_snapshot" in body:
             save_snapshot(body, snapshot_dir)
         snapshot = body.pop("_snapshot", None)

@@ -1,0 +1,350 @@
+"""On-demand image requests that share the engine with the cameras.
+
+A client (any language; ``streamd detect`` is one) sends ``[header JSON, image bytes]``
+from a DEALER (or REQ) socket to the daemon's ROUTER socket. It is answered at once:
+``accepted`` with a task id, ``busy`` when the bounded queue is full (not taken: retry
+later), or ``error`` naming the problem. The result comes later on the same connection
+(and is published on the PUB socket under ``req/<client_id>/result``). Every accepted
+request is answered exactly once: a result, or an error (timeout, shutdown, failure).
+Full message description: docs/PROTOCOL.md.
+
+Only the server thread touches the ROUTER socket; other threads hand it replies through
+a queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import CAMERA_ID, RequestsConfig
+from .entities import Detection, Frame
+from .errors import PublishError
+from .metrics import Counter, Histogram, LATENCY_BUCKETS, MetricFamily
+from .postprocess import PostprocessParams
+
+log = logging.getLogger("streamd.requests")
+
+PROTOCOL_VERSION = 1
+
+
+class RequestHeader(BaseModel):
+    """What a client may send; anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: int = PROTOCOL_VERSION
+    request_id: str | int | None = Field(None, description="echoed in every reply")
+    client_id: str | None = Field(None, description="names the client in metrics and the PUB topic")
+    priority: int = Field(0, ge=-10, le=10, description="higher is served first")
+    conf: float | None = Field(None, gt=0, lt=1)
+    iou: float | None = Field(None, gt=0, le=1)
+    max_det: int | None = Field(None, ge=1, le=10000)
+    classes: list[int] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    task_id: str
+    envelope: list[bytes]            # ROUTER routing frames (identity, and b"" for REQ clients)
+    header: RequestHeader
+    image: np.ndarray
+    params: PostprocessParams | None
+    received_mono: float
+    received_ts: float
+    started_mono: float = 0.0        # taken into a batch
+    seq: int = 0
+
+    @property
+    def client_id(self) -> str:
+        return self.header.client_id or "anonymous"
+
+
+class RequestQueue:
+    """Bounded priority queue (highest priority first, then oldest), sharing the cameras'
+    Condition so the scheduler wakes for a request as for a frame."""
+
+    def __init__(self, size: int, ready: threading.Condition) -> None:
+        self._heap: list[tuple[int, int, Request]] = []
+        self._size = size
+        self._ready = ready
+        self._seq = itertools.count()
+
+    def offer(self, req: Request) -> bool:
+        with self._ready:
+            if len(self._heap) >= self._size:
+                return False
+            req.seq = next(self._seq)
+            heapq.heappush(self._heap, (-req.header.priority, req.seq, req))
+            self._ready.notify()
+            return True
+
+    def pop_locked(self) -> Request | None:
+        return heapq.heappop(self._heap)[2] if self._heap else None
+
+    def take_expired(self, older_than_mono: float) -> list[Request]:
+        with self._ready:
+            expired = [r for _, _, r in self._heap if r.received_mono < older_than_mono]
+            if expired:
+                self._heap = [e for e in self._heap if e[2].received_mono >= older_than_mono]
+                heapq.heapify(self._heap)
+            return expired
+
+    def drain(self) -> list[Request]:
+        with self._ready:
+            out = [r for _, _, r in self._heap]
+            self._heap.clear()
+            return out
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def as_frame(req: Request) -> Frame:
+    return Frame("", 0, req.received_ts, req.received_mono, req.image, request=req)
+
+
+class RequestMetrics:
+    """Queue, inference and total time per request, and what happened to each."""
+
+    def __init__(self) -> None:
+        self.queue_seconds = Histogram("streamd_request_queue_seconds",
+                                       "Seconds a request waited before its batch was assembled.", LATENCY_BUCKETS)
+        self.inference_seconds = Histogram("streamd_request_inference_seconds",
+                                           "Seconds of inference for the batch that carried a request.",
+                                           LATENCY_BUCKETS)
+        self.total_seconds = Histogram("streamd_request_total_seconds",
+                                       "Seconds from receiving a request until its result was sent.", LATENCY_BUCKETS)
+        self.outcomes = Counter("streamd_requests_total",
+                                "Requests by outcome (accepted, busy, rejected, completed, failed).", ["outcome"])
+
+    def outcome_counts(self) -> dict[str, int]:
+        return {labels["outcome"]: int(self.outcomes.labels(**labels).value)
+                for labels in self.outcomes.label_values()}
+
+    def __call__(self) -> list[MetricFamily]:
+        return [self.queue_seconds.collect(), self.inference_seconds.collect(), self.total_seconds.collect(),
+                self.outcomes.collect()]
+
+
+class RequestServer(threading.Thread):
+    """The thread that owns the ROUTER socket."""
+
+    def __init__(self, cfg: RequestsConfig, ready: threading.Condition, names: dict[int, str],
+                 default_params: Callable[[], PostprocessParams],
+                 publish: Callable[[str, dict[str, Any]], None] | None = None,
+                 context: zmq.Context | None = None) -> None:
+        super().__init__(name="requests", daemon=True)
+        self.cfg = cfg
+        self.queue = RequestQueue(cfg.queue_size, ready)
+        self.metrics = RequestMetrics()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._names = names
+        self._default_params = default_params
+        self._publish = publish
+        self._outbox: queue.Queue[tuple[list[bytes], dict[str, Any]]] = queue.Queue()
+        self._pending: dict[str, Request] = {}      # accepted, not yet answered
+        self._lock = threading.Lock()
+        self._accepting = True
+        ctx = context or zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)    # a vanished client's reply is dropped, not an error
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_image_bytes + 65536)
+        try:
+            sock.bind(cfg.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise PublishError(f"cannot bind requests.endpoint {cfg.endpoint}: {exc}") from None
+        self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._sock = sock
+
+    # ---- called from other threads ---------------------------------------------------------------
+    def complete(self, req: Request, detections: tuple[Detection, ...], infer_s: float) -> None:
+        """The post thread delivers a result. Ignored if this task was already answered."""
+        if not self._claim(req.task_id):
+            return
+        now = time.monotonic()
+        queue_s = max(0.0, req.started_mono - req.received_mono) if req.started_mono else 0.0
+        h, w = req.image.shape[:2]
+        body = {"type": "result", "task_id": req.task_id, "request_id": req.header.request_id,
+                "client_id": req.header.client_id, "width": w, "height": h,
+                "detections": [{"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
+                                "box": [round(v, 1) for v in d.box]} for d in detections],
+                "timings_ms": {"queue": round(1000 * queue_s, 2), "infer": round(1000 * infer_s, 2),
+                               "total": round(1000 * (now - req.received_mono), 2)}}
+        self.metrics.queue_seconds.observe(queue_s)
+        self.metrics.inference_seconds.observe(infer_s)
+        self.metrics.total_seconds.observe(now - req.received_mono)
+        self.metrics.outcomes.labels(outcome="completed").inc()
+        self._outbox.put((req.envelope, body))
+        if self._publish is not None:
+            self._publish(req.client_id, dict(body))
+
+    def fail(self, req: Request, reason: str) -> None:
+        if not self._claim(req.task_id):
+            return
+        self.metrics.outcomes.labels(outcome="failed").inc()
+        self._outbox.put((req.envelope, {"type": "error", "task_id": req.task_id,
+                                         "request_id": req.header.request_id, "error": reason}))
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def fail_all_pending(self, reason: str) -> int:
+        for req in self.queue.drain():
+            self.fail(req, reason)
+        with self._lock:
+            left = list(self._pending.values())
+        for req in left:
+            self.fail(req, reason)
+        return len(left)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close_socket(self) -> None:
+        """For a server that never started (start-up failed after binding)."""
+        if not self.is_alive():
+            self._sock.close(0)
+
+    def _claim(self, task_id: str) -> bool:
+        with self._lock:
+            return self._pending.pop(task_id, None) is not None
+
+    # ---- the thread -------------------------------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        next_expiry = time.monotonic() + 0.5
+        try:
+            while True:
+                if dict(poller.poll(20)).get(self._sock):
+                    # Drain what arrived, bounded so replies are never starved.
+                    for _ in range(100):
+                        try:
+                            parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(parts)
+                self._flush()
+                now = time.monotonic()
+                if now >= next_expiry:
+                    next_expiry = now + 0.5
+                    for req in self.queue.take_expired(now - self.cfg.timeout_s):
+                        self.fail(req, f"not processed within {self.cfg.timeout_s:g}s (the model is overloaded)")
+                if self.stop_event.is_set() and self._outbox.empty():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - recorded for the supervisor
+            self.error = exc
+            log.exception("request server failed")
+        finally:
+            self._flush()
+            self._sock.close(linger=1000)
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                envelope, body = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._reply(envelope, body)
+
+    def _reply(self, envelope: list[bytes], body: dict[str, Any]) -> None:
+        body["v"] = PROTOCOL_VERSION
+        try:
+            self._sock.send_multipart([*envelope, json.dumps(body, separators=(",", ":")).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:   # the client is gone or not reading: its loss, not ours
+            log.debug("reply to a client dropped: %s", exc)
+
+    def _handle(self, parts: list[bytes]) -> None:
+        # DEALER: [identity, header, image]; REQ: [identity, b"", header, image].
+        if len(parts) >= 2 and parts[1] == b"":
+            envelope, payload = parts[:2], parts[2:]
+        else:
+            envelope, payload = parts[:1], parts[1:]
+        request_id = None
+
+        def reject(msg: str) -> None:
+            self.metrics.outcomes.labels(outcome="rejected").inc()
+            self._reply(envelope, {"type": "error", "request_id": request_id, "error": msg})
+
+        try:
+            raw = json.loads(payload[0]) if payload else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw, bad_json = None, exc
+        else:
+            bad_json = None
+        if isinstance(raw, dict):
+            # Known as early as possible, so even a malformed request's error can be matched.
+            request_id = raw.get("request_id") if isinstance(raw.get("request_id"), (str, int)) else None
+        if len(payload) != 2:
+            return reject(f"expected 2 message parts (header JSON, image bytes), got {len(payload)}")
+        if bad_json is not None:
+            return reject(f"header is not valid JSON ({bad_json})")
+        try:
+            header = RequestHeader.model_validate(raw)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"]) or "header"
+            msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+            return reject(f"field '{where}': {msg}")
+        if header.v != PROTOCOL_VERSION:
+            return reject(f"protocol version {header.v} is not supported (this daemon speaks {PROTOCOL_VERSION})")
+        if header.client_id is not None and not CAMERA_ID.match(header.client_id):
+            return reject("field 'client_id': must be 1-64 characters of letters, digits, '_', '.', '-'")
+        if header.classes is not None and any(c not in self._names for c in header.classes):
+            return reject(f"field 'classes': the model's classes are {sorted(self._names)}")
+        if not self._accepting:
+            return reject("the daemon is shutting down")
+        data = payload[1]
+        if len(data) > self.cfg.max_image_bytes:
+            return reject(f"image of {len(data)} bytes is larger than the limit of {self.cfg.max_image_bytes}")
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if image is None:
+            return reject("the image could not be decoded (send JPEG or PNG bytes)")
+        if image.shape[0] * image.shape[1] > self.cfg.max_pixels:
+            return reject(f"image of {image.shape[1]}x{image.shape[0]} pixels is larger than the limit "
+                          f"of {self.cfg.max_pixels} pixels")
+        params = None
+        if any(x is not None for x in (header.conf, header.iou, header.max_det, header.classes)):
+            d = self._default_params()
+            params = PostprocessParams(
+                conf=header.conf if header.conf is not None else d.conf,
+                iou=header.iou if header.iou is not None else d.iou,
+                max_det=header.max_det if header.max_det is not None else d.max_det,
+                classes=frozenset(header.classes) if header.classes is not None else d.classes)
+        req = Request(uuid.uuid4().hex[:16], envelope, header, image, params, time.monotonic(), time.time())
+        with self._lock:
+            self._pending[req.task_id] = req
+        if not self.queue.offer(req):
+            with self._lock:
+                self._pending.pop(req.task_id, None)
+            self.metrics.outcomes.labels(outcome="busy").inc()
+            self._reply(envelope, {"type": "busy", "request_id": request_id, "queue_size": self.cfg.queue_size})
+            return None
+        self.metrics.outcomes.labels(outcome="accepted").inc()
+        self._reply(envelope, {"type": "accepted", "task_id": req.task_id, "request_id": request_id,
+                               "queued": len(self.queue)})
+        return None
+
+
+@dataclass
+class ClientResult:
+    path: str
+    task_id: str = ""
+    reply: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
