@@ -88,7 +88,8 @@ def bench_daemon(model: Path, batch: int, cameras: int, fps: float, seconds: flo
         cfg = Path(tmp) / "bench.yaml"
         cfg.write_text(f"model:\n  path: {model}\nscheduler:\n  max_batch: {batch}\n  max_wait_ms: 20\n"
                        f"  max_frame_age_ms: 2000\npublisher:\n  endpoint: {endpoint}\n"
-                       f"  stats_interval_s: 5\nlog:\n  level: warning\ncameras:\n{cams}")
+                       f"  stats_interval_s: 5\nmetrics:\n  enabled: false\nlog:\n  level: warning\n"
+                       f"cameras:\n{cams}")
         proc = subprocess.Popen([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)],
                                 stdout=open(Path(tmp) / "log", "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -116,8 +117,8 @@ def bench_daemon(model: Path, batch: int, cameras: int, fps: float, seconds: flo
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if not ages:
-        raise SystemExit("no detections received")
+        if not ages:
+            raise SystemExit(f"no detections received; daemon log:\n{(Path(tmp) / 'log').read_text()[-2000:]}")
     lat = sorted(a for _, a in ages)
     third = max(1, len(ages) // 3)
     first, last = sorted(a for _, a in ages[:third]), sorted(a for _, a in ages[-third:])
@@ -153,7 +154,7 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
-    model = args.model or default_model(args.imgsz)
+    model = (args.model or default_model(args.imgsz)).resolve()
     media = load_tool("make_test_media").make_media(REPO / ".cache" / "test-media")
     clip = media["bus"].mp4
     image = cv2.imread(str(media["bus"].frame_paths()[0]))

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .relay import register as register_relay
     register_keys(sub)
     register_relay(sub)
+    from .alert.cli import register as register_alert
+    register_alert(sub)
     return p
 
 

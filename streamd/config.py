@@ -85,6 +85,8 @@ class SourceDefaults(_Strict):
     stall_timeout_s: float = Field(10, gt=0, le=600, description="no frame this long -> stalled")
     backoff_initial_s: float = Field(1, gt=0, le=600)
     backoff_max_s: float = Field(30, gt=0, le=3600)
+    decoder_threads: int = Field(1, ge=0, le=64, description="FFmpeg threads per camera (0: FFmpeg decides). "
+                                 "One each scales best to many cameras on a small box.")
 
 
 class CameraConfig(_Strict):

@@ -23,6 +23,7 @@ def base_config(model: Path, cameras: list[dict[str, Any]], **sched: Any) -> dic
         "publisher": {"endpoint": f"tcp://127.0.0.1:{free_tcp_port()}", "heartbeat_s": 0.5,
                       "stats_interval_s": 1.0},
         "sources": FAST_SOURCES,
+        "metrics": {"port": 0},       # never the fixed default: daemons in parallel would collide
         "cameras": cameras,
     }
 

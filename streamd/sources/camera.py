@@ -51,6 +51,9 @@ def configure_ffmpeg_defaults() -> None:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     except AttributeError:  # pragma: no cover - very old OpenCV
         pass
+    # OpenCV's own thread pool would split each small resize across every core and fight
+    # the inference threads for them; one resize per frame on its own thread is cheaper.
+    cv2.setNumThreads(1)
 
 
 class State(str, enum.Enum):
@@ -208,6 +211,8 @@ class CameraSource(threading.Thread):
         open_ms = int(self.defaults.open_timeout_s * 1000)
         read_ms = int(self.defaults.read_timeout_s * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, open_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
+        if self.defaults.decoder_threads and hasattr(cv2, "CAP_PROP_N_THREADS"):
+            params += [cv2.CAP_PROP_N_THREADS, self.defaults.decoder_threads]
         try:
             if kind == "usb":
                 index = int(url.split(":", 1)[1]) if url.startswith("usb:") else url
