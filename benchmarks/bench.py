@@ -173,13 +173,18 @@ def main() -> int:
     if args.record:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())
-        row = (f"| {time.strftime('%Y-%m-%d')} | {os.cpu_count()} x {cpu} | {model.name} | {args.batch} | "
-               f"{args.cameras}x{args.fps:g} | {args.seconds:g} | {backend_fps:.1f} | {d['fps']:.1f} | "
-               f"{100 * ratio:.0f}% | {d['p50_ms']:.0f} / {d['p99_ms']:.0f} | "
+        head = (f"\n## Backend alone vs the whole daemon ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} x {cpu})\n\n"
+                "Made by `benchmarks/bench.py --record`: cameras are looped H.264 files (640x480) paced at "
+                "the given rate, each offering frames to the daemon like a live camera.\n\n"
+                "| model | batch | cameras x fps offered | seconds | backend alone fps | daemon fps | ratio "
+                "| latency p50 / p99 ms | p99 first -> last third ms | peak RSS MB (after warm-up -> end) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
+        row = (f"| {model.name} | {args.batch} | {args.cameras} x {args.fps:g} | {args.seconds:g} | "
+               f"{backend_fps:.1f} | {d['fps']:.1f} | {100 * ratio:.0f}% | {d['p50_ms']:.0f} / {d['p99_ms']:.0f} | "
                f"{d['p99_first_ms']:.0f} -> {d['p99_last_ms']:.0f} | {d['peak_rss_mb']:.0f} "
                f"({d['rss_start_mb']:.0f} -> {d['rss_end_mb']:.0f}) |\n")
         with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(row)
+            f.write(head + row)
         print("recorded in benchmarks/RESULTS.md")
     return 0
 

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_keys(sub)
     register_relay(sub)
     from .alert.cli import register as register_alert
+    from .doctor import register as register_doctor
     register_alert(sub)
+    register_doctor(sub)
     return p
 
 

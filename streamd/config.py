@@ -23,6 +23,12 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$")
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
 
 
+def check_endpoint(v: str) -> str:
+    if not re.match(r"^(tcp|ipc|inproc)://.+", v):
+        raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,6 +44,8 @@ class ModelConfig(_Strict):
     max_det: int = Field(300, ge=1, le=10000)
     classes: list[int | str] | None = Field(None, description="keep only these class ids or names")
     verify_sha256: bool = True
+    rebuild_engine: bool = Field(False, description="TensorRT: rebuild an engine that doesn't fit this "
+                                                    "TensorRT/GPU from the ONNX its manifest records")
 
 
 class SchedulerConfig(_Strict):
@@ -67,9 +75,7 @@ class PublisherConfig(_Strict):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.match(r"^(tcp|ipc|inproc)://.+", v):
-            raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-        return v
+        return check_endpoint(v)
 
     @field_validator("name")
     @classmethod
@@ -174,9 +180,7 @@ class RequestsConfig(_Strict):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.match(r"^(tcp|ipc|inproc)://.+", v):
-            raise ValueError("must look like tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-        return v
+        return check_endpoint(v)
 
 
 class MetricsConfig(_Strict):
@@ -272,21 +276,7 @@ def _expand_env(value: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], 
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
                  env: dict[str, str] | None = None, check_files: bool = True) -> Config:
     """Parse and validate config text. Raises ``ConfigError`` naming field and line."""
-    env = dict(os.environ) if env is None else env
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(f"invalid YAML ({exc.problem or exc.context})", source=source,
-                          line=mark.line + 1 if mark else None) from None
-    if root is None:
-        raise ConfigError("the file is empty", source=source)
-    lines: dict[tuple[Any, ...], int] = {}
-    data = _node_to_python(root, (), lines, source)
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping with model:, cameras:, ... at the top level",
-                          source=source, line=1)
-    data = _expand_env(data, (), lines, source, env)
+    data, lines = load_yaml(text, source, env, expected="a mapping with model:, cameras:, ... at the top level")
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 
 import cv2
 
-from .backends import Backend, open_backend
+from .backends import Backend, backend_for, open_backend
 from .config import CameraConfig, Config, ModelConfig, load_config
 from .entities import Frame, FrameResult
 from .errors import ConfigError, StreamdError
@@ -57,7 +57,10 @@ def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
 
 
 def _load_backend(m: ModelConfig) -> Backend:
-    return open_backend(m.path, m.backend, device=m.device, threads=m.threads, verify_sha256=m.verify_sha256)
+    # Only the TensorRT backend can rebuild its model; the others don't take the option.
+    extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
+    return open_backend(m.path, m.backend, device=m.device, threads=m.threads, verify_sha256=m.verify_sha256,
+                        **extra)
 
 
 def _model_identity(m: ModelConfig) -> tuple[Any, ...]:
@@ -68,7 +71,7 @@ def _model_identity(m: ModelConfig) -> tuple[Any, ...]:
         file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
         file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, file_id)
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id)
 
 
 class Daemon:

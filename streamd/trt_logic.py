@@ -154,16 +154,8 @@ class EngineVerdict:
     onnx_file: str | None = None        # what to rebuild from
 
 
-def check_engine(manifest: ModelManifest, actual_sha256: str, runtime: RuntimeFacts, *,
-                 path: str | Path, allow_rebuild: bool = False) -> EngineVerdict:
-    """Decide whether the plan at ``path`` may be deserialized on this machine.
-
-    A changed file is refused whatever ``allow_rebuild`` says: the manifest's recorded
-    ONNX no longer proves anything about bytes that were altered after the build. A plan
-    from another TensorRT version or GPU generation is intact but unusable here; it is
-    refused, or (``allow_rebuild``) answered with "rebuild from the recorded ONNX".
-    """
-    name = Path(path).name
+def check_engine_file(manifest: ModelManifest, actual_sha256: str, *, path: str | Path) -> None:
+    """The part of the check that needs no TensorRT: is this the file the manifest describes?"""
     if manifest.model_format != FORMAT_TENSORRT:
         raise EngineRefused(f"{path}: its manifest describes a {manifest.model_format!r} model, "
                             f"not a TensorRT engine", kind="format", rebuildable=False)
@@ -174,6 +166,18 @@ def check_engine(manifest: ModelManifest, actual_sha256: str, runtime: RuntimeFa
             f"or the manifest belongs to another engine. Refusing to load it (an engine is "
             f"native code); rebuild it with streamd-export --engine.",
             kind="sha256", rebuildable=False)
+
+
+def check_engine(manifest: ModelManifest, actual_sha256: str, runtime: RuntimeFacts, *,
+                 path: str | Path, allow_rebuild: bool = False) -> EngineVerdict:
+    """Decide whether the plan at ``path`` may be deserialized on this machine.
+
+    A changed file is refused whatever ``allow_rebuild`` says: the manifest's recorded
+    ONNX no longer proves anything about bytes that were altered after the build. A plan
+    from another TensorRT version or GPU generation is intact but unusable here; it is
+    refused, or (``allow_rebuild``) answered with "rebuild from the recorded ONNX".
+    """
+    check_engine_file(manifest, actual_sha256, path=path)
     build = manifest.build or {}
     built_trt = build.get(BUILD_TENSORRT)
     built_cc = build.get(BUILD_CC)
@@ -213,7 +217,7 @@ def check_engine(manifest: ModelManifest, actual_sha256: str, runtime: RuntimeFa
                 f"model.rebuild_engine: true to let the daemon do it)")
     else:
         hint = "build it again on this machine with streamd-export --engine"
-    raise EngineRefused(f"{name} cannot be loaded here: {reason}. {hint[0].upper()}{hint[1:]}.",
+    raise EngineRefused(f"{path} cannot be loaded here: {reason}. {hint[0].upper()}{hint[1:]}.",
                         kind=problems[0][0], rebuildable=True)
 
 

@@ -195,17 +195,21 @@ def test_sighup_applies_camera_and_threshold_changes_and_rejects_bad_config(
 def test_metrics_endpoint_agrees_with_what_a_subscriber_counted(
         yolov8n_onnx_320: Path, test_media, daemon_factory, collector_factory) -> None:
     port = free_tcp_port()
-    # A finite file played in real time: when it ends, every counter is final.
-    cfg = base_config(yolov8n_onnx_320, [{"id": "clip", "url": str(test_media["bus"].mp4), "realtime": True}])
+    # A finite file played in real time: when it ends, every counter is final. The camera is
+    # added by a reload once the subscriber provably receives (a heartbeat arrived), so the
+    # subscriber sees every one of its messages.
+    cfg = base_config(yolov8n_onnx_320, [])
     cfg["metrics"] = {"port": port}
-    # Subscribe before the daemon binds: ZeroMQ connects as soon as the socket appears,
-    # well before the first frame, so the subscriber sees every message.
-    c = collector_factory(cfg["publisher"]["endpoint"])
     d = daemon_factory(cfg)
+    c = collector_factory(cfg["publisher"]["endpoint"])
+    c.wait_for(lambda m: m["type"] == "heartbeat", 60, f"a heartbeat\n{d.log()[-2000:]}")
+    _write(d.config_path, dict(cfg, cameras=[{"id": "clip", "url": str(test_media["bus"].mp4), "realtime": True}]))
+    d.signal(signal.SIGHUP)
     c.wait_for(lambda m: m["type"] == "health" and m["camera"] == "clip" and m["state"] == "ended", 60,
                f"the clip to end\n{d.log()[-2000:]}")
     received = c.of("detections", "clip")
-    assert received and received[0]["frame"] == 1, "subscriber joined late; counts would not compare"
+    assert received and min(m["cam_seq"] for m in c.of(camera="clip")) == 1, \
+        "subscriber missed the camera's first messages; counts would not compare"
     wait_until(lambda: metric(metrics_text(port), "streamd_camera_frames_published_total", camera="clip")
                == len(received), 10, what="published_total to equal what the subscriber got")
     text = metrics_text(port)

@@ -11,6 +11,7 @@ from .base import Backend, ModelInfo
 # name -> "module:Class"; imported lazily so a box without TensorRT never imports it.
 _REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnxruntime": ("streamd.backends.onnxruntime:OnnxRuntimeBackend", (".onnx",)),
+    "tensorrt": ("streamd.backends.tensorrt:TensorRTBackend", (".engine", ".plan")),
 }
 
 

@@ -2,7 +2,9 @@
 
 Exit status: 0 on success; 2 for a problem with the input or options (bad weights file,
 wrong model kind, impossible size, a precision not implemented yet); 1 when an export that
-should have worked failed on the way (exporter or verification failure).
+should have worked failed on the way (exporter or verification failure, FP16/INT8 agreement
+below --min-agreement); 3 when --engine was asked on a machine without TensorRT or an
+NVIDIA GPU (the ONNX model was still written).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 
 from streamd.errors import ExportError, StreamdError
 
+from .engine_stage import EngineUnavailable, add_precision_arguments, precision_options
 from .stages import ExportInputError, ExportRequest, ExportResult, run_export
 
 PROG = "streamd-export"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NEEDS_GPU = 3    # --engine on a machine without TensorRT or an NVIDIA GPU (ONNX written)
 
 
 def _imgsz(values: list[str], parser: argparse.ArgumentParser) -> tuple[int, int]:
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("engines"), help="output folder (default: engines/)")
     p.add_argument("--name", default=None, help="output base name (default: the weights' file stem)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
-                   help="numeric precision (this version implements fp32)")
+                   help="numeric precision; fp16/int8 are checked against fp32 before install "
+                        "and named NAME-fp16 / NAME-int8 unless --name is given")
+    add_precision_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the exporter's own log, and tracebacks on failure")
     return p
@@ -100,7 +106,8 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return ExportRequest(weights=args.weights, imgsz=imgsz, batch_min=bmin, batch_max=bmax,
                          dynamic_batch=dynamic, opset=args.opset, simplify=args.simplify,
                          nms=args.nms, out_dir=args.out_dir, name=args.name,
-                         precision=args.precision, verbose=args.verbose, **nms_opts)
+                         precision=args.precision, verbose=args.verbose, **nms_opts,
+                         **precision_options(args))
 
 
 def _summary(result: ExportResult) -> str:
@@ -139,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportInputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except EngineUnavailable as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_NEEDS_GPU
     except (ExportError, StreamdError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -69,7 +69,7 @@ def manifest_stage(ctx: ExportContext) -> None:
         source=dict(ctx.source),
         tools=tool_versions(),
         build={"exporter": "ultralytics", "dynamic_batch": req.dynamic_batch,
-               "simplify": req.simplify},
+               "simplify": req.simplify, **ctx.build_info},
         created=utc_now(),
     )
     manifest.validate(where=f"manifest of {manifest.model_file}")

@@ -60,6 +60,16 @@ class ExportRequest:
     name: str | None = None
     precision: str = "fp32"
     verbose: bool = False         # show Ultralytics' own log and warnings
+    # FP16/INT8 and TensorRT (fp16_stage, int8_stage, verify_stage, engine_stage).
+    engine: bool = False                       # also build a TensorRT engine
+    calib: Path | None = None                  # folder of calibration images
+    calib_from: Path | None = None             # daemon config whose cameras give calibration frames
+    calib_count: int = 32
+    int8_flavour: str = "tensorrt"             # "tensorrt" (symmetric int8) | "cpu" (uint8 activations)
+    verify_images: Path | None = None
+    min_agreement: float | None = None         # None: the precision's default
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None           # None: OUT_DIR/timing.cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Path(self.weights))
@@ -82,16 +92,63 @@ class ExportRequest:
             raise ExportInputError(f"--max-det {self.max_det}: must be at least 1")
         if self.name is not None:
             check_name(self.name)
+        check_precision_options(self)
 
     @property
     def model_name(self) -> str:
-        """Base name of the outputs: ``--name`` (a trailing .onnx dropped) or the weights' stem."""
+        """Base name of the outputs: ``--name`` (a trailing .onnx dropped) or the weights' stem
+        (with the precision appended for fp16/int8, so they do not replace the fp32 model)."""
         if self.name is None:
-            return self.weights.stem
+            return self.weights.stem + precision_suffix(self)
         return self.name[:-5] if self.name.lower().endswith(".onnx") and len(self.name) > 5 else self.name
 
     def describe_batch(self) -> str:
         return f"{self.batch_min}-{self.batch_max}" if self.dynamic_batch else str(self.batch_max)
+
+
+INT8_FLAVOURS = ("tensorrt", "cpu")
+
+
+def precision_suffix(req: ExportRequest) -> str:
+    if req.precision == "fp32":
+        return ""
+    if req.precision == "int8" and req.int8_flavour == "cpu":
+        return "-int8-cpu"
+    return f"-{req.precision}"
+
+
+def check_precision_options(req: ExportRequest) -> None:
+    """Option combinations of the fp16/int8/engine flags that can never work."""
+    for key in ("calib", "calib_from", "verify_images", "timing_cache"):
+        value = getattr(req, key)
+        if value is not None:
+            object.__setattr__(req, key, Path(value))
+    if req.int8_flavour not in INT8_FLAVOURS:
+        raise ExportInputError(f"--int8-flavour {req.int8_flavour!r}: choose one of {', '.join(INT8_FLAVOURS)}")
+    if req.precision != "int8":
+        given = [f for f, v in (("--calib", req.calib), ("--calib-from", req.calib_from)) if v is not None]
+        if req.int8_flavour != "tensorrt":
+            given.append("--int8-flavour")
+        if given:
+            raise ExportInputError(f"{', '.join(given)} only apply with --precision int8")
+    else:
+        if req.calib is not None and req.calib_from is not None:
+            raise ExportInputError("--calib and --calib-from: give one source of calibration images")
+        if req.calib is None and req.calib_from is None:
+            raise ExportInputError("--precision int8 needs calibration images from the cameras it will "
+                                   "watch: --calib DIR (a folder of images) or --calib-from CONFIG "
+                                   "(frames from the cameras of a streamd config)")
+        if req.engine and req.int8_flavour == "cpu":
+            raise ExportInputError("--int8-flavour cpu makes uint8 activations, which TensorRT does not "
+                                   "take; use --int8-flavour tensorrt with --engine")
+    if not 1 <= req.calib_count <= 10000:
+        raise ExportInputError(f"--calib-count {req.calib_count}: must be between 1 and 10000")
+    if req.min_agreement is not None and not 0.0 <= req.min_agreement <= 1.0:
+        raise ExportInputError(f"--min-agreement {req.min_agreement}: must be in [0, 1]")
+    if req.workspace_mb < 16:
+        raise ExportInputError(f"--workspace-mb {req.workspace_mb}: must be at least 16")
+    if req.timing_cache is not None and not req.engine:
+        raise ExportInputError("--timing-cache only applies with --engine")
 
 
 def check_name(name: str) -> None:
@@ -126,6 +183,11 @@ class ExportContext:
     manifest_path: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # facts worth a line in the summary
+    # FP16/INT8/engine stages.
+    reference_onnx: Path | None = None            # the FP32 ONNX a converted model is compared with
+    calib_samples: Any = None                     # uint8 (N, 3, H, W) letterboxed RGB network inputs
+    calib_source: str = ""                        # where they came from, for the manifest
+    build_info: dict[str, Any] = field(default_factory=dict)   # merged into the manifest's build
 
     @property
     def stride(self) -> int:
@@ -148,7 +210,13 @@ _STAGES: dict[str, Stage] = {}
 # the CLI and answered with ExportNotImplemented instead of a usage error.
 PLANS: dict[str, tuple[str, ...]] = {
     "fp32": ("preflight", "load", "onnx", "manifest", "verify", "install"),
+    "fp16": ("preflight", "inputs", "load", "onnx", "fp16", "agreement", "manifest", "verify", "install"),
+    "int8": ("preflight", "inputs", "load", "onnx", "calibrate", "int8", "agreement", "manifest",
+             "verify", "install"),
 }
+# --engine appends this stage: the ONNX is installed first, so a machine without TensorRT
+# still gets the ONNX models and a precise message about the step it cannot do.
+ENGINE_STAGE = "engine"
 
 
 def register(name: str, description: str) -> Callable[[StageFn], StageFn]:
@@ -164,7 +232,16 @@ def register(name: str, description: str) -> Callable[[StageFn], StageFn]:
 def _ensure_registered() -> None:
     # The stage modules register themselves on import; importing them here keeps the
     # registry complete however this module was reached.
-    from . import checkpoint, onnx_stage, output, preflight  # noqa: F401
+    from . import (  # noqa: F401
+        checkpoint,
+        engine_stage,
+        fp16_stage,
+        int8_stage,
+        onnx_stage,
+        output,
+        preflight,
+        verify_stage,
+    )
 
 
 def plan_for(request: ExportRequest) -> list[Stage]:
@@ -176,6 +253,8 @@ def plan_for(request: ExportRequest) -> list[Stage]:
         raise ExportNotImplemented(
             f"--precision {request.precision} is not implemented yet in this version "
             f"(available: {done})")
+    if request.engine:
+        names = (*names, ENGINE_STAGE)
     missing = [n for n in names if n not in _STAGES]
     if missing:  # a plan naming an unknown stage is a bug in this package, not user error
         raise RuntimeError(f"export plan {request.precision} names unknown stage(s) {missing}")
