@@ -12,11 +12,9 @@ the model can take. Prints results/s and client-side latency (send -> result) p5
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,20 +27,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench import _free_port, default_model, load_tool  # noqa: E402 - same model and tools as bench.py
 
 
 def client_run(endpoint: str, images: list[bytes], n: int, lat: list[float], busy: list[int],
@@ -126,10 +113,8 @@ def main() -> int:
     ap.add_argument("--cameras", type=int, default=2)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench import default_model  # the same model the daemon benchmark uses
     model = (args.model or default_model(args.imgsz)).resolve()
-    clip = _tool("make_test_media").make_media(REPO / ".cache" / "test-media")["bus"].mp4
+    clip = load_tool("make_test_media").make_media(REPO / ".cache" / "test-media")["bus"].mp4
     import ultralytics
     assets = Path(ultralytics.__file__).parent / "assets"
     images = [(assets / "bus.jpg").read_bytes(), (assets / "zidane.jpg").read_bytes()]

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import StreamdError
 from .security import generate_key_files
 
 
@@ -36,14 +35,8 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs this command alone (``python -m streamd.keys_cli generate NAME``)."""
-    p = argparse.ArgumentParser(prog="streamd")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["keys", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except StreamdError as exc:
-        print(f"streamd: error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import main as streamd_main
+    return streamd_main(["keys", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -235,14 +235,8 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs this command alone (``python -m streamd.relay --listen ... --from ...``)."""
-    p = argparse.ArgumentParser(prog="streamd")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["relay", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except StreamdError as exc:
-        print(f"streamd: error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import main as streamd_main
+    return streamd_main(["relay", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

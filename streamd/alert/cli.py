@@ -193,13 +193,5 @@ def run_alert(config: str | Path, endpoint: str | None = None, snapshots_dir: Pa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m streamd.alert``: the same command without the ``streamd`` front end."""
-    from ..errors import StreamdError
-    from ..redact import scrub
-    parser = argparse.ArgumentParser(prog="streamd")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["alert", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except StreamdError as exc:
-        print(f"streamd: error: {scrub(str(exc))}", file=sys.stderr)
-        return 2
+    from ..cli import main as streamd_main
+    return streamd_main(["alert", *(sys.argv[1:] if argv is None else argv)])
