@@ -38,7 +38,8 @@ class ModelConfig(_Strict):
                                    "Relative paths are relative to the config file.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: all cores)")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per worker (0: chosen with "
+                                                "scheduler.workers)")
     conf: float = Field(0.25, gt=0, lt=1, description="minimum confidence")
     iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold")
     max_det: int = Field(300, ge=1, le=10000)
@@ -51,8 +52,22 @@ class ModelConfig(_Strict):
 class SchedulerConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=256, description="capped by the model's own max batch")
     max_wait_ms: float = Field(20, ge=0, le=10000, description="how long a partial batch may wait")
-    max_frame_age_ms: float = Field(1000, gt=0, description="older frames are dropped, not inferred")
-    pipeline_depth: int = Field(2, ge=1, le=4, description="batches in flight (prepared + running)")
+    max_frame_age_ms: float = Field(1000, gt=0, description="no camera frame's detections are published "
+                                    "older than this (frames that could not make it are dropped)")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="inference workers (backend sessions/contexts), each closing and running its "
+                            "own batches; auto: measured at start from the candidate layouts")
+    autotune_s: float = Field(3.0, ge=0, le=60, description="seconds spent measuring worker layouts at "
+                                                             "start (0: take the usual best without measuring)")
+    pipeline_depth: int | None = Field(None, ge=1, le=4, description="no longer used: batches are closed "
+                                       "when a worker is free (accepted so older configs still load)")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("must be 'auto' or 1-64")
+        return v
 
 
 class CurveConfig(_Strict):
@@ -101,7 +116,8 @@ class CameraConfig(_Strict):
     username: str | None = None
     password: str | None = None
     fps: float | None = Field(None, gt=0, le=240, description="cap: extra frames dropped at decode")
-    queue_depth: int = Field(2, ge=1, le=256)
+    queue_depth: int = Field(1, ge=1, le=256, description="frames kept waiting for inference; 1 keeps only "
+                                                           "the newest (freshest); more smooths bursty sources")
     transport: Literal["tcp", "udp"] = "tcp"
     loop: bool = Field(False, description="files: start again at the end")
     realtime: bool = Field(True, description="files: pace at the file's own frame rate")

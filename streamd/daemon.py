@@ -17,8 +17,9 @@ from typing import Any
 
 import cv2
 
-from .backends import Backend, backend_for, open_backend
-from .config import CameraConfig, Config, ModelConfig, load_config
+from .backends import backend_for
+from .backends.pool import BackendPool, open_pool
+from .config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
 from .entities import Frame, FrameResult
 from .errors import ConfigError, StreamdError
 from .metrics import MetricsServer, PipelineMetrics, build_registry
@@ -56,22 +57,24 @@ def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
                              classes=classes)
 
 
-def _load_backend(m: ModelConfig) -> Backend:
+def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
     # Only the TensorRT backend can rebuild its model; the others don't take the option.
     extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
-    return open_backend(m.path, m.backend, device=m.device, threads=m.threads, verify_sha256=m.verify_sha256,
-                        **extra)
+    return open_pool(m.path, m.backend, device=m.device, threads=m.threads,
+                     workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
+                     verify_sha256=m.verify_sha256, **extra)
 
 
-def _model_identity(m: ModelConfig) -> tuple[Any, ...]:
-    """What makes a model 'the same': its settings and the file's bytes on disk (a file
-    replaced in place counts as a new model)."""
+def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
+    """What makes a loaded pool 'the same': the model's settings, the worker layout asked
+    for, and the file's bytes on disk (a file replaced in place counts as a new model)."""
     try:
         st = m.path.stat()
         file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
         file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id)
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id,
+            s.workers, s.autotune_s)
 
 
 class Daemon:
@@ -89,8 +92,10 @@ class Daemon:
         self.watchdog_stall_s = 60.0
         self._swapping = False      # a pipeline swap in progress is not a hung pipeline
         configure_ffmpeg_defaults()
-        self.backend: Backend = _load_backend(cfg.model)
-        self._model_id = _model_identity(cfg.model)
+        if cfg.scheduler.pipeline_depth is not None:
+            log.warning("scheduler.pipeline_depth is no longer used (batches close when a worker is free)")
+        self.backend: BackendPool = _load_backend(cfg.model, cfg.scheduler)
+        self._model_id = _model_identity(cfg.model, cfg.scheduler)
         self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
@@ -117,7 +122,7 @@ class Daemon:
             self.backend.close()
             raise
 
-    def _make_pipeline(self, backend: Backend, cfg: Config, params: PostprocessParams) -> Pipeline:
+    def _make_pipeline(self, backend: BackendPool, cfg: Config, params: PostprocessParams) -> Pipeline:
         return Pipeline(backend, cfg.scheduler, params, self._on_results,
                         on_frame_dropped=self._on_frame_dropped, queues=self.queues,
                         requests=self.request_server.queue if self.request_server is not None else None,
@@ -200,9 +205,9 @@ class Daemon:
         for cam in self.cfg.cameras:
             if cam.enabled:
                 self._start_camera(cam, self.cfg)
-        log.info("streamd running: model=%s publisher=%s cameras=%d max_batch=%d",
+        log.info("streamd running: model=%s publisher=%s cameras=%d max_batch=%d workers=%s",
                  self.backend.info.describe(), self.publisher.bound_endpoint, len(self.cameras),
-                 self.pipeline.max_batch)
+                 self.pipeline.max_batch, self.backend.layout)
 
     def supervise_once(self) -> None:
         """One round of supervision; raises if a stage thread died (systemd restarts us)."""
@@ -314,8 +319,8 @@ class Daemon:
         log.info("reloading %s", self.config_path)
         try:
             new = load_config(self.config_path)
-            model_changed = _model_identity(new.model) != self._model_id
-            backend = _load_backend(new.model) if model_changed else self.backend
+            model_changed = _model_identity(new.model, new.scheduler) != self._model_id
+            backend = _load_backend(new.model, new.scheduler) if model_changed else self.backend
             try:
                 params = postprocess_params(new, backend.info.names)
             except BaseException:
@@ -344,7 +349,7 @@ class Daemon:
             self._swapping = False
             if old_backend is not backend:
                 old_backend.close()
-                self._model_id = _model_identity(new.model)
+                self._model_id = _model_identity(new.model, new.scheduler)
                 log.info("model now %s", backend.info.describe())
         else:
             self.pipeline.params = params   # read once per batch by the post thread
@@ -381,6 +386,7 @@ class Daemon:
                 "published": self.publisher.sent_detections.get(cid, 0),
                 "dropped": {"queue_full": src.queue.dropped_full, "too_old": s.dropped_too_old,
                             "fps_cap": s.dropped_fps_cap},
+                "skipped": s.skipped,
                 "reconnects": s.reconnects, "decode_errors": s.decode_errors,
                 "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
             }
@@ -390,7 +396,11 @@ class Daemon:
             "cameras": cams,
             "scheduler": {"batches": st.batches, "frames": st.frames,
                           "batch_sizes": {str(k): v for k, v in sorted(st.batch_sizes.items())},
-                          "infer_ms_mean": round(1000 * st.infer_s_total / st.batches, 2) if st.batches else None},
+                          "infer_ms_mean": round(1000 * st.infer_s_total / st.batches, 2) if st.batches else None,
+                          "workers": self.backend.layout.workers,
+                          "threads_per_worker": self.backend.layout.threads,
+                          "worker_batches": {str(k): v for k, v in sorted(st.worker_batches.items())},
+                          "max_frame_age_ms": round(1000 * pipeline.age_bound_s(), 1)},
             "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped},
             "reloads": dict(self.reloads),
             **({"requests": {"queued": len(self.request_server.queue),

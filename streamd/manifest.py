@@ -47,11 +47,16 @@ class ModelManifest:
     model_sha256: str
     model_format: str                    # "onnx" | "tensorrt"
     class_names: dict[int, str]
-    imgsz: tuple[int, int]               # (height, width) of the network input
+    imgsz: tuple[int, int]               # (height, width) of the network input; the largest
+                                         # one when dynamic_hw
     batch_min: int
     batch_max: int
     output_layout: str                   # one of LAYOUTS
     stride: int = 32
+    # True: the model takes any (H, W) that are multiples of ``stride`` up to ``imgsz``, so
+    # each camera can be inferred at its own aspect. Absent in manifests written before
+    # such exports existed, which were all fixed-size.
+    dynamic_hw: bool = False
     precision: str = "fp32"              # "fp32" | "fp16" | "int8"
     input_name: str = "images"
     input_dtype: str = "float32"
@@ -95,6 +100,8 @@ class ModelManifest:
             d["imgsz"] = (h, w)
             d["batch_min"] = int(d["batch_min"])
             d["batch_max"] = int(d["batch_max"])
+            if "stride" in d:
+                d["stride"] = int(d["stride"])
         except (AttributeError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where}: malformed value ({exc})") from None
         m = cls(**d)
@@ -109,6 +116,13 @@ class ModelManifest:
             raise ManifestError(f"{where}: batch range {self.batch_min}-{self.batch_max} is invalid")
         if min(self.imgsz) <= 0:
             raise ManifestError(f"{where}: imgsz {self.imgsz} is invalid")
+        if not isinstance(self.dynamic_hw, bool):
+            raise ManifestError(f"{where}: dynamic_hw must be true or false, got {self.dynamic_hw!r}")
+        if self.stride <= 0:
+            raise ManifestError(f"{where}: stride {self.stride} is invalid")
+        if self.dynamic_hw and (self.imgsz[0] % self.stride or self.imgsz[1] % self.stride):
+            raise ManifestError(f"{where}: imgsz {self.imgsz[0]}x{self.imgsz[1]} of a dynamic_hw model "
+                                f"must be multiples of its stride {self.stride}")
         if not self.class_names:
             raise ManifestError(f"{where}: class_names is empty")
 

@@ -403,6 +403,8 @@ DROP_CAUSES = ("queue_full", "too_old", "fps_cap")
 _CAMERA_COUNTERS = (
     # (stats key, metric name, help)
     ("decoded", "streamd_camera_frames_decoded_total", "Frames decoded from the camera and kept (after the fps cap)."),
+    ("skipped", "streamd_camera_frames_skipped_total",
+     "Frames decoded but not converted or queued: a newer one would be taken first (pacing, not a loss)."),
     ("inferred", "streamd_camera_frames_inferred_total", "Frames of the camera that went through inference."),
     ("published", "streamd_camera_frames_published_total",
      "Detection messages of the camera sent on the PUB socket."),

@@ -52,9 +52,24 @@ def _resized_size(width: int, height: int, gain: float) -> tuple[int, int]:
     return max(int(round(width * gain)), 1), max(int(round(height * gain)), 1)
 
 
-def letterbox_geometry(width: int, height: int, net_h: int, net_w: int) -> tuple[Letterbox, int, int]:
-    """Return the placement and the resized (w, h), with Ultralytics' rounding."""
-    gain = min(net_h / height, net_w / width)
+def net_shape_for(width: int, height: int, imgsz: tuple[int, int], stride: int = 32) -> tuple[int, int]:
+    """(net_h, net_w) a frame is inferred at when the model takes any H x W: the frame scaled
+    to fit ``imgsz`` and padded only up to the next multiple of ``stride``, as Ultralytics'
+    default ``predict`` does (``LetterBox(auto=True)``). A 16:9 camera at 640 becomes 640x384
+    instead of 640x640: 40% fewer pixels, and the same boxes Ultralytics itself reports."""
+    max_h, max_w = imgsz
+    gain = min(max_h / height, max_w / width)
+    new_w, new_h = _resized_size(width, height, gain)
+    return new_h + (max_h - new_h) % stride, new_w + (max_w - new_w) % stride
+
+
+def letterbox_geometry(width: int, height: int, net_h: int, net_w: int,
+                       gain: float | None = None) -> tuple[Letterbox, int, int]:
+    """Return the placement and the resized (w, h), with Ultralytics' rounding. ``gain``
+    defaults to the largest that fits; a stride-padded input passes the gain it was sized
+    for (see ``net_shape_for``) so the picture is not scaled into the padding."""
+    if gain is None:
+        gain = min(net_h / height, net_w / width)
     new_w, new_h = _resized_size(width, height, gain)
     dw, dh = (net_w - new_w) / 2, (net_h - new_h) / 2
     # Ultralytics rounds (d - 0.1) for the top/left pad; keep it so boxes match exactly.
@@ -65,8 +80,12 @@ def letterbox_geometry(width: int, height: int, net_h: int, net_w: int) -> tuple
 class BatchBuffer:
     """A reusable (max_batch, 3, H, W) input tensor plus its uint8 staging area."""
 
-    def __init__(self, max_batch: int, net_h: int, net_w: int, dtype: np.dtype = np.float32) -> None:
+    def __init__(self, max_batch: int, net_h: int, net_w: int, dtype: np.dtype = np.float32,
+                 fit: tuple[int, int] | None = None) -> None:
         self.net_h, self.net_w = net_h, net_w
+        # The box frames are scaled to fit: the input itself, or for a stride-padded input
+        # of a model that takes any H x W, the model's full size (see ``net_shape_for``).
+        self.fit_h, self.fit_w = fit or (net_h, net_w)
         self._u8 = np.full((max_batch, net_h, net_w, 3), PAD_VALUE, np.uint8)
         self.tensor = np.empty((max_batch, 3, net_h, net_w), dtype)
 
@@ -82,7 +101,8 @@ class BatchBuffer:
         boxes: list[Letterbox] = []
         for i, img in enumerate(images):
             h, w = img.shape[:2]
-            lb, new_w, new_h = letterbox_geometry(w, h, self.net_h, self.net_w)
+            lb, new_w, new_h = letterbox_geometry(w, h, self.net_h, self.net_w,
+                                                  min(self.fit_h / h, self.fit_w / w))
             slot = self._u8[i]
             if (new_w, new_h) != (w, h):
                 img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -3,11 +3,17 @@
 A live camera is only worth its newest frames: when inference falls behind, the oldest
 frame is thrown away (and counted) so what reaches the model stays fresh. All queues of
 one daemon share a ``Condition`` so the scheduler sleeps until *any* camera has a frame.
+
+Each queue also learns how often the scheduler takes from it, so its decoder can tell
+whether a new frame is worth converting at all (``wants_frame``): at 640 on a small CPU a
+camera is served perhaps one frame in six, and converting and copying the other five only
+takes CPU from inference.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from .entities import Frame
@@ -21,6 +27,9 @@ class RingQueue:
         self._depth = depth
         self._ready = ready
         self.dropped_full = 0      # frames thrown away because the queue was full
+        self.taken = 0             # frames the scheduler took
+        self.last_take_mono = 0.0
+        self.serve_interval_s = 0.0   # smoothed time between two takes (0: not known yet)
 
     @property
     def depth(self) -> int:
@@ -42,9 +51,38 @@ class RingQueue:
         with self._ready:
             return self._frames.popleft() if self._frames else None
 
-    def pop_locked(self) -> Frame | None:
-        """Like ``pop`` for a caller already holding the shared condition."""
-        return self._frames.popleft() if self._frames else None
+    def pop_locked(self, now: float | None = None) -> Frame | None:
+        """Like ``pop`` for a caller already holding the shared condition; a frame taken
+        this way counts as served (it teaches ``wants_frame`` the camera's serve rate)."""
+        if not self._frames:
+            return None
+        now = time.monotonic() if now is None else now
+        if self.last_take_mono:
+            gap = now - self.last_take_mono
+            # Smoothed, but quick to follow a change of load (cameras added, model swapped).
+            self.serve_interval_s = gap if not self.serve_interval_s else 0.7 * self.serve_interval_s + 0.3 * gap
+        self.last_take_mono = now
+        self.taken += 1
+        return self._frames.popleft()
+
+    def peek_locked(self) -> Frame | None:
+        """The frame ``pop_locked`` would return, left in place."""
+        return self._frames[0] if self._frames else None
+
+    def wants_frame(self, now: float, frame_interval_s: float) -> bool:
+        """Should the decoder convert and queue the frame it just decoded?
+
+        Yes while the queue is empty (a frame is always ready for the next batch), while the
+        serve rate is not known yet, and when the next take is due within about two frames
+        (so the frame taken is the newest one). No when the queue already holds a frame and
+        the next take is far off, or when nobody has taken anything for a long while (an
+        idle pipeline costs decoding only). Lock-free: a stale answer costs one frame."""
+        if not self._frames or not self.serve_interval_s:
+            return True
+        since = now - self.last_take_mono
+        if since > 4 * self.serve_interval_s + 1.0:
+            return False
+        return since >= 0.75 * self.serve_interval_s - 2.0 * frame_interval_s
 
     def clear(self) -> int:
         with self._ready:

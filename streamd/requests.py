@@ -94,6 +94,10 @@ class RequestQueue:
     def pop_locked(self) -> Request | None:
         return heapq.heappop(self._heap)[2] if self._heap else None
 
+    def peek_locked(self) -> Request | None:
+        """The request ``pop_locked`` would return, left in place."""
+        return self._heap[0][2] if self._heap else None
+
     def take_expired(self, older_than_mono: float) -> list[Request]:
         with self._ready:
             expired = [r for _, _, r in self._heap if r.received_mono < older_than_mono]

@@ -1,17 +1,21 @@
-"""Cross-camera batching, inference and postprocessing as three overlapping threads.
+"""Cross-camera batching onto a pool of inference workers, and one postprocess thread.
 
-    scheduler thread   round-robin over the cameras' ring queues, drop frames that are too
-                       old, close the batch when full or ``max_wait`` after its first frame,
-                       letterbox into one of ``pipeline_depth`` reusable buffers
-    inference thread   backend.infer(batch) while the next batch is being prepared
-    post thread        decode + NMS, boxes back to frame pixels, hand to the publisher
+    worker threads     one per backend in the pool. A worker that is free closes its next
+      (N of them)      batch right then (late binding): round-robin over the cameras' ring
+                       queues, newest frames, one frame per camera per pass, frames of one
+                       input shape, and only as many as can still be published inside the
+                       frame-age bound; then it letterboxes into its own buffer and infers.
+    post thread        decode + NMS, boxes back to frame pixels, the age bound checked once
+                       more, results handed to the sink in the order batches were closed.
 
-A batch never waits for every camera: one slow or dead camera costs nothing but its own
-slot. Buffers circulate through a free-list, so memory is fixed after start-up.
+Closing a batch only when a worker can run it at once means no frame waits in a prepared
+batch behind another inference: what is inferred is as fresh as the cameras allow. A batch
+never waits for every camera either: one slow or dead camera costs nothing but its own slot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -23,28 +27,34 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends.base import Backend
+from .backends.pool import BackendPool
 from .config import SchedulerConfig
 from .entities import Frame, FrameResult
 from .postprocess import PostprocessParams, postprocess
-from .preprocess import BatchBuffer, Letterbox
+from .preprocess import BatchBuffer, Letterbox, net_shape_for
 from .queues import QueueSet, RingQueue
 
 log = logging.getLogger("streamd.scheduler")
 
-_POLL_S = 0.1   # every wait in these threads wakes at least this often to see its stop Event
+_POLL_S = 0.1          # every wait in these threads wakes at least this often to see its stop Event
+_MAX_SHAPES = 8        # letterbox buffers kept per worker (one per input shape in use)
+
+Shape = tuple[int, int]   # (net_h, net_w)
 
 
 @dataclass
 class Batch:
-    buffer_index: int
+    ticket: int                          # order in which batches were closed
+    worker: int
     frames: list[Frame]
-    tensor: np.ndarray
-    letterboxes: list[Letterbox]
-    t_closed: float                      # monotonic: batch assembled
+    shape: Shape
+    t_closed: float                      # monotonic: batch closed (frames taken)
+    letterboxes: list[Letterbox] = field(default_factory=list)
     t_preprocessed: float = 0.0
     t_infer_start: float = 0.0
     t_inferred: float = 0.0
     outputs: np.ndarray | None = None
+    failed: bool = False
 
 
 @dataclass
@@ -52,9 +62,12 @@ class SchedulerStats:
     batches: int = 0
     frames: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    worker_batches: dict[int, int] = field(default_factory=dict)   # worker index -> batches run
     infer_s_total: float = 0.0
     preprocess_s_total: float = 0.0
     post_s_total: float = 0.0
+    too_old_at_take: int = 0
+    too_old_at_publish: int = 0
     last_progress_mono: float = field(default_factory=time.monotonic)   # watchdog evidence
     queue_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     infer_s: deque[float] = field(default_factory=lambda: deque(maxlen=512))
@@ -63,61 +76,100 @@ class SchedulerStats:
 ResultSink = Callable[[list[FrameResult], list[Frame]], None]   # results and their frames
 
 
+class InferenceTime:
+    """Predicts a batch's inference time as ``k * images * pixels`` with ``k`` smoothed over
+    the batches seen. Linear in the batch size, which is right on a CPU and errs on the
+    long side on a GPU (where bigger batches cost less per image): the age budget it feeds
+    then closes batches a little early, never late."""
+
+    def __init__(self, seconds_per_image: float | None = None, pixels: int = 0) -> None:
+        self._k = seconds_per_image / pixels if seconds_per_image and pixels else 0.0
+        self._lock = threading.Lock()
+
+    def estimate(self, n: int, shape: Shape) -> float:
+        return self._k * n * shape[0] * shape[1]
+
+    def observe(self, n: int, shape: Shape, seconds: float) -> None:
+        k = seconds / max(1, n * shape[0] * shape[1])
+        with self._lock:
+            self._k = k if not self._k else 0.8 * self._k + 0.2 * k
+
+
+@dataclass
+class _Draft:
+    """A batch being closed: what it holds and the latest moment it may finish."""
+
+    frames: list[Frame] = field(default_factory=list)
+    shape: Shape | None = None
+    finish_by: float = float("inf")      # monotonic; the tightest camera frame's age bound
+    full: bool = False                   # the age budget admits no further frame
+
+
 class _Worker(threading.Thread):
     """A named thread with a stop Event that records its first error instead of dying quietly."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, fn: Callable[[threading.Event], None]) -> None:
         super().__init__(name=name, daemon=True)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
+        self._fn = fn
 
     def run(self) -> None:
         try:
-            self.loop()
+            self._fn(self.stop_event)
         except BaseException as exc:  # noqa: BLE001 - handed to the supervisor
             self.error = exc
             log.exception("%s thread failed", self.name)
-
-    def loop(self) -> None:
-        raise NotImplementedError
 
     def stop(self) -> None:
         self.stop_event.set()
 
 
-class Pipeline:
-    """Owns the three threads; the daemon adds/removes camera queues and reads stats."""
+@dataclass
+class _WorkerState:
+    index: int
+    backend: Backend
+    buffers: dict[Shape, BatchBuffer] = field(default_factory=dict)
+    alive_mono: float = field(default_factory=time.monotonic)
+    infer_since: float = 0.0             # monotonic start of the inference in progress (0: none)
 
-    def __init__(self, backend: Backend, cfg: SchedulerConfig, params: PostprocessParams,
+
+class Pipeline:
+    """Owns the worker and post threads; the daemon adds/removes camera queues and reads stats."""
+
+    def __init__(self, backend: Backend | BackendPool, cfg: SchedulerConfig, params: PostprocessParams,
                  sink: ResultSink, on_frame_dropped: Callable[[str, str], None] | None = None,
                  queues: QueueSet | None = None, requests: Any = None, request_share: float = 0.25) -> None:
-        self.backend = backend
+        self.pool = backend if isinstance(backend, BackendPool) else BackendPool.of(backend)
+        self.backend = self.pool.backends[0]
         self.cfg = cfg
         self.params = params
         self.sink = sink
         self.on_frame_dropped = on_frame_dropped or (lambda cam, cause: None)
-        info = backend.info
+        info = self.pool.info
+        self.info = info
         self.max_batch = min(cfg.max_batch, info.batch_max)
         self.queues = queues or QueueSet()
         self.requests = requests            # streamd.requests.RequestQueue, or None
         self.request_share = request_share
         self.ready = self.queues.ready
         self._rr_next = 0
-        self._alive_mono = {"scheduler": time.monotonic(), "postprocess": time.monotonic()}
-        self._infer_since = 0.0        # monotonic start of the inference in progress (0: none)
+        self._tickets = itertools.count()
+        self._share_req = self._share_cam = 0.0   # recent slots of contended batches, by side
+        self._dynamic_hw = bool(getattr(info, "dynamic_hw", False))
+        self._stride = int(getattr(info, "stride", 32))
+        h, w = info.input_hw
+        self.timing = InferenceTime(self.pool.seconds_per_image, h * w)
+        self._post_s = 0.0                   # smoothed postprocess time of one batch
+        self._bound_warned = False
         self.stats = SchedulerStats()
         self.inferred_per_camera: dict[str, int] = {}
-        h, w = info.input_hw
-        self._buffers = [BatchBuffer(self.max_batch, h, w) for _ in range(cfg.pipeline_depth)]
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(len(self._buffers)):
-            self._free.put(i)
-        self._to_infer: queue.Queue[Batch] = queue.Queue(cfg.pipeline_depth)
-        self._to_post: queue.Queue[Batch] = queue.Queue(cfg.pipeline_depth + 1)
+        self._post_alive_mono = time.monotonic()
+        self._workers = [_WorkerState(i, b) for i, b in enumerate(self.pool.backends)]
+        self._to_post: queue.Queue[Batch] = queue.Queue(2 * len(self._workers) + 2)
         self.threads: list[_Worker] = [
-            _FnWorker("scheduler", self._schedule_loop),
-            _FnWorker("inference", self._infer_loop),
-            _FnWorker("postprocess", self._post_loop),
+            *(_Worker(f"infer-{w.index}", lambda stop, w=w: self._worker_loop(w, stop)) for w in self._workers),
+            _Worker("postprocess", self._post_loop),
         ]
 
     # ---- cameras -------------------------------------------------------------------------
@@ -130,18 +182,37 @@ class Pipeline:
     def queue_depths(self) -> dict[str, int]:
         return self.queues.depths()
 
+    # ---- the age bound ----------------------------------------------------------------------
+    def age_bound_s(self) -> float:
+        """Oldest a camera frame may be when its detections are published: the configured
+        ``max_frame_age_ms``, unless this box cannot infer one picture in half of it; then
+        twice one inference (said once in the log), so a slow box still publishes."""
+        bound = self.cfg.max_frame_age_ms / 1000.0
+        h, w = self.info.input_hw
+        one = 2.0 * (self.timing.estimate(1, (h, w)) + self._post_s)
+        if one > bound:
+            if not self._bound_warned:
+                self._bound_warned = True
+                log.warning("scheduler.max_frame_age_ms=%.0f is less than two inference times on this box "
+                            "(%.0f ms): frames up to that age are published. Use a smaller imgsz, a faster "
+                            "backend, or raise max_frame_age_ms.", self.cfg.max_frame_age_ms, 1000 * one)
+            return one
+        return bound
+
     # ---- liveness (systemd watchdog evidence) -------------------------------------------------
     def progress_ok(self, max_stall_s: float, now: float | None = None) -> tuple[bool, str]:
-        """True while every stage thread is turning over: the scheduler and post threads
-        wake at least every _POLL_S even when idle, and no single inference has been running
-        for longer than ``max_stall_s``. Idle cameras are not a failure; a hung stage is."""
+        """True while every stage thread is turning over: idle workers and the post thread
+        wake at least every _POLL_S, and no single inference has been running for longer
+        than ``max_stall_s``. Idle cameras are not a failure; a hung stage is."""
         now = time.monotonic() if now is None else now
-        for name, t in self._alive_mono.items():
-            if now - t > max_stall_s:
-                return False, f"{name} thread made no progress for {now - t:.0f}s"
-        since = self._infer_since
-        if since and now - since > max_stall_s:
-            return False, f"inference running for {now - since:.0f}s (hung?)"
+        for w in self._workers:
+            since = w.infer_since
+            if since and now - since > max_stall_s:
+                return False, f"inference running for {now - since:.0f}s on worker {w.index} (hung?)"
+            if not since and now - w.alive_mono > max_stall_s:
+                return False, f"worker {w.index} made no progress for {now - w.alive_mono:.0f}s"
+        if now - self._post_alive_mono > max_stall_s:
+            return False, f"postprocess thread made no progress for {now - self._post_alive_mono:.0f}s"
         dead = [t.name for t in self.threads if t.ident is not None and not t.is_alive()]
         if dead:
             return False, f"{', '.join(dead)} thread ended"
@@ -153,150 +224,233 @@ class Pipeline:
             t.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop stage by stage, in data-flow order, so every batch already assembled is
-        inferred and handed to the sink: nothing accepted is lost on stop or model swap."""
+        """Stop in data-flow order, so every batch already closed is inferred and handed to
+        the sink: nothing accepted is lost on stop or model swap."""
         deadline = time.monotonic() + timeout
-        for t in self.threads:      # scheduler, inference, postprocess
+        workers, post = self.threads[:-1], self.threads[-1]
+        for t in workers:
             t.stop()
-            if t is self.threads[0]:
-                self.queues.wake_all()
+        self.queues.wake_all()
+        for t in workers:
             if t.ident is not None:
                 t.join(max(0.0, deadline - time.monotonic()))
+        post.stop()
+        if post.ident is not None:
+            post.join(max(0.0, deadline - time.monotonic()))
 
     def first_error(self) -> BaseException | None:
         return next((t.error for t in self.threads if t.error is not None), None)
 
-    # ---- scheduler thread -----------------------------------------------------------------
-    def _take_round_robin(self, want: int, now: float, out: list[Frame]) -> None:
+    # ---- closing a batch (caller holds self.ready) --------------------------------------------
+    def net_shape(self, frame: Frame) -> Shape:
+        """The input shape ``frame`` is inferred at: its own aspect on a model that takes any
+        H x W, else the model's one size."""
+        if not self._dynamic_hw:
+            return self.info.input_hw
+        w, h = frame.size
+        return net_shape_for(w, h, self.info.input_hw, self._stride)
+
+    def _admit(self, d: _Draft, frame: Frame, now: float, bound: float) -> str:
+        """'take', 'drop' (too old to be published in time even alone), 'skip' (another
+        shape: left for another batch) or 'full' (would make the batch finish too late)."""
+        shape = self.net_shape(frame)
+        if d.shape is not None and shape != d.shape:
+            return "skip"
+        finish_by = d.finish_by if frame.request is not None else min(d.finish_by, frame.capture_mono + bound)
+        done = now + self.timing.estimate(len(d.frames) + 1, shape) + self._post_s
+        if done <= finish_by:
+            return "take"
+        if frame.request is None and frame.capture_mono + bound < now + self.timing.estimate(1, shape) + self._post_s:
+            return "drop"
+        if not d.frames:
+            return "take"        # a batch of one the estimate doubts: inferring beats waiting
+        return "full"
+
+    def _add(self, d: _Draft, frame: Frame, bound: float) -> None:
+        if d.shape is None:
+            d.shape = self.net_shape(frame)
+        if frame.request is None:
+            d.finish_by = min(d.finish_by, frame.capture_mono + bound)
+        d.frames.append(frame)
+
+    def _take_round_robin(self, d: _Draft, want: int, now: float, bound: float) -> None:
         """Take up to ``want`` frames, one per camera per pass, starting after the camera
-        that went first last time, so no camera can crowd out the others. Caller holds
-        ``self.ready``."""
+        that went first last time, so no camera can crowd out the others."""
         order = self.queues.order
         if not order:
             return
-        max_age = self.cfg.max_frame_age_ms / 1000.0
         start = self._rr_next % len(order)
+        taken = 0
         progressed = True
-        while len(out) < want and progressed:
+        while taken < want and progressed and not d.full:
             progressed = False
             for k in range(len(order)):
-                if len(out) >= want:
+                if taken >= want or d.full:
                     break
                 cam = order[(start + k) % len(order)]
                 q = self.queues.get(cam)
                 while q is not None:
-                    frame = q.pop_locked()
+                    frame = q.peek_locked()
                     if frame is None:
                         break
-                    if now - frame.capture_mono > max_age:
+                    verdict = self._admit(d, frame, now, bound)
+                    if verdict == "skip":
+                        break
+                    if verdict == "full":
+                        d.full = True
+                        break
+                    q.pop_locked(now)
+                    if verdict == "drop":
+                        self.stats.too_old_at_take += 1
                         self.on_frame_dropped(cam, "too_old")
                         continue
-                    out.append(frame)
+                    self._add(d, frame, bound)
+                    taken += 1
                     progressed = True
                     self._rr_next = (start + k + 1) % len(order)
                     break
 
-    def _take_requests(self, want: int, out: list[Frame]) -> None:
+    def _take_requests(self, d: _Draft, want: int, now: float, bound: float) -> None:
         from .requests import as_frame
-        now = time.monotonic()
-        while want > 0:
-            req = self.requests.pop_locked()
+        while want > 0 and not d.full:
+            req = self.requests.peek_locked()
             if req is None:
                 return
+            verdict = self._admit(d, as_frame(req), now, bound)
+            if verdict == "skip":
+                return
+            if verdict == "full":
+                d.full = True
+                return
+            self.requests.pop_locked()
             req.started_mono = now
-            out.append(as_frame(req))
+            self._add(d, as_frame(req), bound)
             want -= 1
 
-    def _take(self, want: int, now: float, out: list[Frame]) -> None:
-        """Fill up to ``want`` slots. While both wait, requests get ``request_share`` of the
-        batch (at least one slot) and cameras the rest, so neither can starve the other;
-        whatever one side leaves unused, the other may take."""
+    def _take(self, d: _Draft, now: float, bound: float) -> None:
+        """Fill the free slots. While both wait, requests get ``request_share`` of the slots
+        (at least one per batch they lead) and cameras the rest, so neither can starve the
+        other; whatever one side leaves unused, the other may take. A batch holds one input
+        shape, so when a request's picture and the cameras differ in shape, whole batches
+        alternate between them in the same proportion."""
+        want = self.max_batch - len(d.frames)
         reqs = self.requests
         if reqs is None or not len(reqs):
-            self._take_round_robin(want, now, out)
+            self._take_round_robin(d, want, now, bound)
             return
         cameras_waiting = any(len(q) for q in (self.queues.get(c) for c in self.queues.order) if q)
-        reserve = max(1, round(self.request_share * self.max_batch)) if cameras_waiting else want
-        start = len(out)
-        self._take_requests(min(want, reserve), out)
-        self._take_round_robin(want - (len(out) - start), now, out)
-        self._take_requests(want - (len(out) - start), out)
+        if not cameras_waiting:
+            self._take_requests(d, want, now, bound)
+            return
+        reserve = max(1, round(self.request_share * self.max_batch))
+        start = len(d.frames)
+        requests_lead = d.frames[0].request is not None if d.frames else \
+            self._share_req <= self.request_share * (self._share_req + self._share_cam)
+        if requests_lead:
+            self._take_requests(d, min(want, reserve), now, bound)
+            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
+        else:
+            self._take_round_robin(d, max(1, want - reserve), now, bound)
+            self._take_requests(d, want - (len(d.frames) - start), now, bound)
+            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
+        self._take_requests(d, want - (len(d.frames) - start), now, bound)
 
-    def _collect(self, stop: threading.Event) -> list[Frame]:
-        frames: list[Frame] = []
+    def _note_share(self, d: _Draft) -> None:
+        """Remember (with a fading memory) how the slots of batches went while both sides waited."""
+        n_req = sum(1 for f in d.frames if f.request is not None)
+        if self.requests is None or (n_req == 0 and not len(self.requests)):
+            return
+        self._share_req = 0.9 * self._share_req + n_req
+        self._share_cam = 0.9 * self._share_cam + len(d.frames) - n_req
+
+    def _close_batch(self, stop: threading.Event, worker: int) -> Batch | None:
+        """Wait for frames, then close a batch: when it is full, when the age budget admits
+        no more, or ``max_wait_ms`` after its first frame. Runs when this worker is free."""
+        d = _Draft()
         deadline: float | None = None
+        bound = self.age_bound_s()
         with self.ready:
             while not stop.is_set():
-                self._take(self.max_batch - len(frames), time.monotonic(), frames)
-                if len(frames) >= self.max_batch:
-                    break
                 now = time.monotonic()
-                if frames and deadline is None:
+                self._take(d, now, bound)
+                if len(d.frames) >= self.max_batch or d.full:
+                    break
+                if d.frames and deadline is None:
                     deadline = now + self.cfg.max_wait_ms / 1000.0
                 if deadline is not None and now >= deadline:
                     break
                 self.ready.wait(_POLL_S if deadline is None else min(_POLL_S, deadline - now))
-        return frames
+            if not d.frames:
+                return None
+            # Tickets are handed out under the lock, in the order batches close: the post
+            # thread publishes in this order, so a camera's frames never overtake each other.
+            ticket = next(self._tickets)
+            self._note_share(d)
+        assert d.shape is not None
+        return Batch(ticket, worker, d.frames, d.shape, time.monotonic())
 
-    def _schedule_loop(self, stop: threading.Event) -> None:
+    # ---- worker threads -----------------------------------------------------------------------
+    def _buffer(self, w: _WorkerState, shape: Shape) -> BatchBuffer:
+        buf = w.buffers.get(shape)
+        if buf is None:
+            if len(w.buffers) >= _MAX_SHAPES:
+                w.buffers.pop(next(iter(w.buffers)))
+            fit = self.info.input_hw if self._dynamic_hw else None
+            buf = w.buffers[shape] = BatchBuffer(self.max_batch, shape[0], shape[1], fit=fit)
+        return buf
+
+    def _worker_loop(self, w: _WorkerState, stop: threading.Event) -> None:
         while not stop.is_set():
-            self._alive_mono["scheduler"] = time.monotonic()
+            w.alive_mono = time.monotonic()
+            batch = self._close_batch(stop, w.index)
+            if batch is None:
+                continue
             try:
-                idx = self._free.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            frames = self._collect(stop)
-            if not frames:
-                self._free.put(idx)
-                continue
-            t_closed = time.monotonic()
-            tensor, boxes = self._buffers[idx].fill([f.image for f in frames])
-            batch = Batch(idx, frames, tensor, boxes, t_closed, t_preprocessed=time.monotonic())
-            for f in frames:
-                self.stats.queue_s.append(t_closed - f.capture_mono)
-            # Never full: the queue holds as many batches as there are buffers.
-            self._to_infer.put_nowait(batch)
+                tensor, batch.letterboxes = self._buffer(w, batch.shape).fill([f.image for f in batch.frames])
+                batch.t_preprocessed = batch.t_infer_start = w.infer_since = time.monotonic()
+                batch.outputs = w.backend.infer(tensor)
+                batch.t_inferred = time.monotonic()
+            except BaseException:
+                batch.failed = True
+                raise
+            finally:
+                w.infer_since = 0.0
+                w.alive_mono = time.monotonic()
+                # Always handed over, failed or not: the post thread publishes in ticket
+                # order and must never wait for a ticket that will not come.
+                self._hand_over(batch)
+            self._count(w, batch)
 
-    # ---- inference thread ---------------------------------------------------------------------
-    def _infer_loop(self, stop: threading.Event) -> None:
+    def _count(self, w: _WorkerState, batch: Batch) -> None:
+        n = len(batch.frames)
+        dt = batch.t_inferred - batch.t_infer_start
+        self.timing.observe(n, batch.shape, dt)
+        st = self.stats
+        st.batches += 1
+        st.frames += n
+        st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+        st.worker_batches[w.index] = st.worker_batches.get(w.index, 0) + 1
+        st.infer_s_total += dt
+        st.preprocess_s_total += batch.t_preprocessed - batch.t_closed
+        st.infer_s.append(dt)
+        for f in batch.frames:
+            st.queue_s.append(batch.t_closed - f.capture_mono)
+        st.last_progress_mono = batch.t_inferred
+
+    def _hand_over(self, batch: Batch) -> None:
         while True:
             try:
-                batch = self._to_infer.get(timeout=_POLL_S)
-            except queue.Empty:
-                if stop.is_set():
-                    return      # drained: the scheduler stopped first
-                continue
-            t0 = batch.t_infer_start = self._infer_since = time.monotonic()
-            try:
-                batch.outputs = self.backend.infer(batch.tensor)
-            finally:
-                self._infer_since = 0.0
-                # The tensor is consumed: its buffer can take the next batch right away.
-                self._free.put(batch.buffer_index)
-            batch.t_inferred = time.monotonic()
-            dt = batch.t_inferred - t0
-            st = self.stats
-            st.batches += 1
-            st.frames += len(batch.frames)
-            st.batch_sizes[len(batch.frames)] = st.batch_sizes.get(len(batch.frames), 0) + 1
-            st.infer_s_total += dt
-            st.preprocess_s_total += batch.t_preprocessed - batch.t_closed
-            st.infer_s.append(dt)
-            st.last_progress_mono = batch.t_inferred
-            # The post thread only stops after this one, so this put lands unless that
-            # thread died; then fail loudly instead of waiting forever.
-            while True:
-                try:
-                    self._to_post.put(batch, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    if not self.threads[2].is_alive():
-                        raise RuntimeError("postprocess thread is gone; cannot hand over results") from None
+                self._to_post.put(batch, timeout=_POLL_S)
+                return
+            except queue.Full:
+                if not self.threads[-1].is_alive():
+                    raise RuntimeError("postprocess thread is gone; cannot hand over results") from None
 
     # ---- post thread ------------------------------------------------------------------------
-    def _postprocess(self, batch: Batch, info: Any) -> list[tuple]:
+    def _postprocess(self, batch: Batch) -> list[tuple]:
         """Decode the batch; requests with their own thresholds are decoded with those."""
         assert batch.outputs is not None
+        info = self.info
         groups = _split_params(batch.frames, self.params)
         if len(groups) == 1:
             (params,) = groups
@@ -310,33 +464,55 @@ class Pipeline:
         return out
 
     def _post_loop(self, stop: threading.Event) -> None:
-        info = self.backend.info
+        waiting: dict[int, Batch] = {}       # finished out of order, waiting for an earlier ticket
+        next_ticket = 0
         while True:
-            self._alive_mono["postprocess"] = time.monotonic()
+            self._post_alive_mono = time.monotonic()
             try:
                 batch = self._to_post.get(timeout=_POLL_S)
             except queue.Empty:
                 if stop.is_set():
+                    # The workers are done; a ticket still missing belongs to a worker that
+                    # hung, so publish what is here rather than hold it back.
+                    for t in sorted(waiting):
+                        self._publish(waiting.pop(t))
                     return
                 continue
-            assert batch.outputs is not None
-            t0 = time.monotonic()
-            dets = self._postprocess(batch, info)
-            t1 = time.monotonic()
-            self.stats.post_s_total += t1 - t0
-            results = []
-            for frame, d in zip(batch.frames, dets):
-                w, h = frame.size
-                if frame.request is None:
-                    self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
-                results.append(FrameResult(
-                    frame.camera_id, frame.frame_no, frame.capture_ts, frame.capture_mono, w, h, d,
-                    timings={"queue": batch.t_closed - frame.capture_mono,
-                             "preprocess": batch.t_preprocessed - batch.t_closed,
-                             "infer_wait": batch.t_infer_start - batch.t_preprocessed,
-                             "infer": batch.t_inferred - batch.t_infer_start,
-                             "post": t1 - t0}))
-            self.sink(results, batch.frames)
+            waiting[batch.ticket] = batch
+            while next_ticket in waiting:
+                self._publish(waiting.pop(next_ticket))
+                next_ticket += 1
+
+    def _publish(self, batch: Batch) -> None:
+        if batch.failed or batch.outputs is None:
+            return      # the worker recorded the error; the supervisor restarts the daemon
+        t0 = time.monotonic()
+        dets = self._postprocess(batch)
+        t1 = time.monotonic()
+        self.stats.post_s_total += t1 - t0
+        self._post_s = (t1 - t0) if not self._post_s else 0.8 * self._post_s + 0.2 * (t1 - t0)
+        bound = self.age_bound_s()
+        results, frames = [], []
+        for frame, d in zip(batch.frames, dets):
+            w, h = frame.size
+            if frame.request is None:
+                self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
+                # The bound holds end to end: a frame the estimate let through but that is
+                # too old by now is not published as if it were fresh.
+                if t1 - frame.capture_mono > bound:
+                    self.stats.too_old_at_publish += 1
+                    self.on_frame_dropped(frame.camera_id, "too_old")
+                    continue
+            frames.append(frame)
+            results.append(FrameResult(
+                frame.camera_id, frame.frame_no, frame.capture_ts, frame.capture_mono, w, h, d,
+                timings={"queue": batch.t_closed - frame.capture_mono,
+                         "preprocess": batch.t_preprocessed - batch.t_closed,
+                         "infer_wait": batch.t_infer_start - batch.t_preprocessed,
+                         "infer": batch.t_inferred - batch.t_infer_start,
+                         "post": t1 - t0}))
+        if results:
+            self.sink(results, frames)
 
 
 def _split_params(frames: list[Frame], default: PostprocessParams) -> dict[PostprocessParams, list[int]]:
@@ -345,12 +521,3 @@ def _split_params(frames: list[Frame], default: PostprocessParams) -> dict[Postp
         p = f.request.params if f.request is not None and f.request.params is not None else default
         groups.setdefault(p, []).append(i)
     return groups
-
-
-class _FnWorker(_Worker):
-    def __init__(self, name: str, fn: Callable[[threading.Event], None]) -> None:
-        super().__init__(name)
-        self._fn = fn
-
-    def loop(self) -> None:
-        self._fn(self.stop_event)

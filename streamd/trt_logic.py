@@ -8,7 +8,9 @@ functions here, so the decisions they make are tested on any machine:
 * the engine manifest check made *before* deserializing (a plan is native code):
   sha256, TensorRT version, GPU compute capability, and whether a mismatch may be
   answered by rebuilding from the recorded ONNX;
-* optimization profiles (min/opt/max batch) and the batch to run for a number of frames;
+* optimization profiles (min/opt/max batch, and min/opt/max height and width for models
+  that take any H x W), the batch to run for a number of frames and the input size to run
+  a batch at;
 * I/O buffer sizing from tensor shapes and TensorRT dtype names;
 * how a precision is expressed for a TensorRT version (strongly typed network vs builder
   flags, which TensorRT 11 removed);
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ BUILD_TENSORRT = "tensorrt"
 BUILD_GPU = "gpu"
 BUILD_CC = "compute_capability"
 BUILD_PROFILE = "profile"                # {"min": n, "opt": n, "max": n}
+BUILD_HW_PROFILE = "hw_profile"          # any-H x W engines: {"min": [h, w], "opt": [h, w], "max": [h, w]}
 BUILD_ONNX_FILE = "onnx_file"            # the ONNX the engine was built from (same folder)
 BUILD_ONNX_SHA = "onnx_sha256"
 BUILD_WORKSPACE_MB = "workspace_mb"
@@ -284,6 +287,125 @@ def profile_from_shapes(min_shape: Sequence[int], opt_shape: Sequence[int],
 
 
 @dataclass(frozen=True)
+class HwProfile:
+    """Heights and widths an engine that takes any H x W is built for (multiples of
+    ``stride``). The batch axis has its own :class:`BatchProfile`."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+    stride: int = 32
+
+    def __post_init__(self) -> None:
+        for axis, name in ((0, "height"), (1, "width")):
+            lo, mid, hi = self.min[axis], self.opt[axis], self.max[axis]
+            if not 1 <= lo <= mid <= hi:
+                raise ValueError(f"{name} profile min {lo} / opt {mid} / max {hi}: need "
+                                 f"1 <= min <= opt <= max")
+            bad = [v for v in (lo, mid, hi) if v % self.stride]
+            if bad:
+                raise ValueError(f"{name} profile min {lo} / opt {mid} / max {hi}: {bad[0]} is not a "
+                                 f"multiple of the stride {self.stride}")
+
+    def contains(self, h: int, w: int) -> bool:
+        return (self.min[0] <= h <= self.max[0] and self.min[1] <= w <= self.max[1]
+                and h % self.stride == 0 and w % self.stride == 0)
+
+    def run_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The input size to run an (h, w) batch at: (h, w) itself, or raised to the
+        profile's minimum on an axis where it is smaller. The caller pads the extra rows
+        and columns at the bottom and right, so box coordinates, counted from the top-left
+        corner, are unchanged."""
+        if h > self.max[0] or w > self.max[1]:
+            raise ValueError(f"input {h}x{w} is larger than the engine's largest, "
+                             f"{self.max[0]}x{self.max[1]}")
+        if h % self.stride or w % self.stride or h < 1 or w < 1:
+            raise ValueError(f"input {h}x{w}: height and width must be positive multiples of the "
+                             f"stride {self.stride}")
+        return max(h, self.min[0]), max(w, self.min[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max),
+                "stride": self.stride}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HwProfile":
+        def hw(v: Any) -> tuple[int, int]:
+            h, w = (int(x) for x in v)
+            return h, w
+        return cls(hw(d["min"]), hw(d["opt"]), hw(d["max"]), int(d.get("stride", 32)))
+
+
+def _round_up(v: int, stride: int) -> int:
+    return -(-v // stride) * stride
+
+
+def choose_hw_profile(imgsz: tuple[int, int], stride: int = 32) -> HwProfile:
+    """The H x W profile of an engine built from a model that takes any H x W up to ``imgsz``.
+
+    max is ``imgsz``, the largest input the manifest promises. opt is ``imgsz`` too: TensorRT
+    times its kernels at opt, the full size is where a batch costs most, and every input the
+    daemon makes keeps one side at (or near) its full length.
+
+    min is half of each side, rounded up to the stride. With a square ``imgsz``, a camera of
+    any aspect from 2:1 to 1:2 (4:3, 3:2, 16:10, 16:9, square, and their portrait forms)
+    letterboxes to an input no smaller than that, so it runs as it is. The range is kept no
+    wider than the cameras need because TensorRT must choose kernels valid for every shape
+    in it, not only for opt. A stranger aspect (a 32:9 panorama: 640x192 at 640) is padded
+    up to the minimum by the backend (:meth:`HwProfile.run_hw`), which still gives correct
+    boxes.
+    """
+    h, w = (int(v) for v in imgsz)
+    if stride < 1 or h < stride or w < stride or h % stride or w % stride:
+        raise ValueError(f"imgsz {h}x{w}: both sides must be positive multiples of the stride {stride}")
+    mn = (max(stride, _round_up(h // 2, stride)), max(stride, _round_up(w // 2, stride)))
+    return HwProfile(mn, (h, w), (h, w), stride)
+
+
+def hw_profile_from_shapes(min_shape: Sequence[int], opt_shape: Sequence[int],
+                           max_shape: Sequence[int], stride: int = 32) -> HwProfile:
+    """The H x W profile of an engine input (``get_tensor_profile_shape``'s three shapes)."""
+    def hw(shape: Sequence[int]) -> tuple[int, int]:
+        return int(shape[2]), int(shape[3])
+    return HwProfile(hw(min_shape), hw(opt_shape), hw(max_shape), stride)
+
+
+def profile_shapes(batch: BatchProfile, hw: HwProfile | None,
+                   imgsz: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) NCHW input shapes for ``IOptimizationProfile.set_shape``: the batch
+    profile, with H x W fixed at ``imgsz`` or from ``hw`` for an engine that takes any H x W."""
+    if hw is None:
+        return batch.shapes((3, *imgsz))
+    return ((batch.min, 3, *hw.min), (batch.opt, 3, *hw.opt), (batch.max, 3, *hw.max))
+
+
+def hw_profile_for_network(input_shape: Sequence[int], imgsz: tuple[int, int], stride: int = 32,
+                           requested: HwProfile | None = None, *, name: str = "input") -> HwProfile | None:
+    """The H x W profile to build a network with: None for a network of fixed H x W, the
+    ``requested`` one or :func:`choose_hw_profile`'s for one whose H and W are dynamic."""
+    dims = [int(d) for d in input_shape]
+    if len(dims) != 4:
+        raise ValueError(f"{name}: shape {tuple(dims)} is not (batch, 3, height, width)")
+    dyn_h, dyn_w = dims[2] < 0, dims[3] < 0
+    if dyn_h != dyn_w:
+        raise ValueError(f"{name}: shape {tuple(dims)} has one of height and width dynamic, the "
+                         f"other fixed; export the model with both dynamic or --fixed-size")
+    if not dyn_h:
+        if requested is not None:
+            raise ValueError(f"{name}: shape {tuple(dims)} has a fixed height and width; an H x W "
+                             f"profile ({requested.as_dict()}) does not apply")
+        if (dims[2], dims[3]) != tuple(imgsz):
+            raise ValueError(f"{name}: shape {tuple(dims)} is not of the manifest's size "
+                             f"{imgsz[0]}x{imgsz[1]}")
+        return None
+    hw = requested if requested is not None else choose_hw_profile(imgsz, stride)
+    if hw.max != tuple(imgsz):
+        raise ValueError(f"{name}: H x W profile max {hw.max[0]}x{hw.max[1]} is not the manifest's "
+                         f"imgsz {imgsz[0]}x{imgsz[1]}")
+    return hw
+
+
+@dataclass(frozen=True)
 class RunBatch:
     run: int        # batch size to execute
     pad: int        # zero images appended to reach ``run`` (a profile with min > frames)
@@ -344,7 +466,8 @@ def numpy_dtype(dtype: object) -> np.dtype:
 
 
 def resolve_shape(shape: Sequence[int], batch: int, *, name: str = "tensor") -> tuple[int, ...]:
-    """Replace the dynamic batch axis (-1 at axis 0) with ``batch``; refuse other dynamic axes."""
+    """Replace the dynamic batch axis (-1 at axis 0) with ``batch``; refuse other dynamic axes
+    (those of an engine that takes any H x W are resolved by :func:`check_runtime_shape`)."""
     dims = [int(d) for d in shape]
     if not dims:
         raise ValueError(f"{name}: has no dimensions")
@@ -353,8 +476,27 @@ def resolve_shape(shape: Sequence[int], batch: int, *, name: str = "tensor") -> 
     unresolved = [i for i, d in enumerate(dims) if d < 0]
     if unresolved:
         raise ValueError(f"{name}: shape {tuple(shape)} has dynamic axes {unresolved} besides the "
-                         f"batch; streamd engines have fixed image and output sizes")
+                         f"batch; give the shape TensorRT reports for the input size")
     return tuple(dims)
+
+
+def check_runtime_shape(declared: Sequence[int], got: Sequence[int], batch: int, *,
+                        name: str = "tensor") -> tuple[int, ...]:
+    """The shape TensorRT reports for a tensor once the input shape is set (``got``), held to
+    the engine's ``declared`` shape (-1 where dynamic): the batch axis must be ``batch``,
+    every fixed axis as declared, every dynamic one positive."""
+    want = [int(d) for d in declared]
+    have = tuple(int(d) for d in got)
+    if len(have) != len(want):
+        raise ValueError(f"{name}: TensorRT reports shape {have}, the engine declares {tuple(want)}")
+    if want and want[0] < 0:
+        want[0] = int(batch)
+    for i, (w, g) in enumerate(zip(want, have)):
+        if (w >= 0 and g != w) or g < 1:
+            expect = tuple("?" if d < 0 else d for d in want)
+            raise ValueError(f"{name}: TensorRT reports shape {have} for a batch of {batch}, "
+                             f"expected {expect} (axis {i})")
+    return have
 
 
 def nbytes(shape: Sequence[int], dtype: object) -> int:
@@ -381,20 +523,29 @@ class BufferSpec:
     nbytes: int
 
 
-def plan_buffers(tensors: Iterable[TensorSpec], batch_max: int) -> list[BufferSpec]:
-    """Buffers big enough for every batch of the profile (allocated once, at load)."""
+def plan_buffers(tensors: Iterable[TensorSpec], batch_max: int,
+                 at_max: Mapping[str, Sequence[int]] | None = None) -> list[BufferSpec]:
+    """Buffers big enough for every batch of the profile (allocated once, at load).
+
+    For an engine that takes any H x W, ``at_max`` holds the shapes TensorRT reports with
+    the input set to its largest batch and size; tensors with dynamic axes besides the
+    batch are sized from it."""
     out: list[BufferSpec] = []
     for t in tensors:
-        shape = resolve_shape(t.shape, batch_max, name=t.name)
+        if at_max is not None and t.name in at_max:
+            shape = check_runtime_shape(t.shape, at_max[t.name], batch_max, name=t.name)
+        else:
+            shape = resolve_shape(t.shape, batch_max, name=t.name)
         dt = numpy_dtype(t.dtype)
         out.append(BufferSpec(t.name, t.is_input, shape, dt, nbytes(shape, dt)))
     return out
 
 
 def check_io(tensors: Sequence[TensorSpec], *, path: str | Path, input_name: str,
-             output_names: Sequence[str], imgsz: tuple[int, int]) -> None:
-    """The engine's I/O must be what its manifest promises: one NCHW image input, and the
-    outputs by name. Messages say expected vs got."""
+             output_names: Sequence[str], imgsz: tuple[int, int], dynamic_hw: bool = False) -> None:
+    """The engine's I/O must be what its manifest promises: one NCHW image input, of H x W
+    ``imgsz`` or (``dynamic_hw``) dynamic H and W, and the outputs by name. Messages say
+    expected vs got."""
     inputs = [t for t in tensors if t.is_input]
     outputs = [t for t in tensors if not t.is_input]
     if [t.name for t in inputs] != [input_name]:
@@ -402,7 +553,12 @@ def check_io(tensors: Sequence[TensorSpec], *, path: str | Path, input_name: str
                          f"the manifest says [{input_name!r}]")
     inp = inputs[0]
     h, w = imgsz
-    if len(inp.shape) != 4 or tuple(inp.shape[1:]) != (3, h, w):
+    if dynamic_hw:
+        if len(inp.shape) != 4 or inp.shape[1] != 3 or inp.shape[2] >= 0 or inp.shape[3] >= 0:
+            raise ValueError(f"{path}: input {inp.name!r} has shape {inp.shape}, expected "
+                             f"(batch, 3, -1, -1): the manifest says the model takes any H x W "
+                             f"up to {h}x{w}")
+    elif len(inp.shape) != 4 or tuple(inp.shape[1:]) != (3, h, w):
         raise ValueError(f"{path}: input {inp.name!r} has shape {inp.shape}, "
                          f"expected (batch, 3, {h}, {w})")
     got = sorted(t.name for t in outputs)

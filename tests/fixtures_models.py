@@ -11,6 +11,8 @@ Fixtures:
     exported_model            factory: (pt, imgsz, batch, nms, **opts) -> exported .onnx path
     fall_onnx_320             fall model, 320x320, dynamic batch 1-8, raw head
     yolov8n_onnx_320          random YOLOv8n, 320x320, dynamic batch 1-8, raw head
+    fall_onnx_640_anyhw       fall model, any H x W up to 640x640, dynamic batch 1-8, raw head
+    yolov8n_onnx_640_anyhw    random YOLOv8n, any H x W up to 640x640, dynamic batch 1-8, raw head
     sample_images             Ultralytics' bus.jpg and zidane.jpg from the installed package
 """
 
@@ -203,10 +205,13 @@ def _norm_batch(batch: int | tuple[int, int]) -> tuple[int, int]:
 
 def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tuple[int, int] = (1, 8),
                   nms: bool = False, *, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                  simplify: bool = True) -> Path:
+                  simplify: bool = True, dynamic_hw: bool = False) -> Path:
     """Export ``pt`` through streamd-export's pipeline, or reuse an identical earlier export.
 
     ``batch`` is N for a static batch or (MIN, MAX) for a dynamic one (MIN < MAX).
+    ``dynamic_hw`` exports a model that takes any H x W up to ``imgsz`` (the tool's default);
+    without it the input is pinned to ``imgsz`` (``--fixed-size``), the models the tests that
+    feed ``imgsz``-sized batches were written for.
     """
     from streamd_export import ExportRequest, run_export
 
@@ -214,7 +219,7 @@ def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tup
     hw = _norm_imgsz(imgsz)
     bmin, bmax = _norm_batch(batch)
     dynamic = bmax > bmin
-    opts = {"imgsz": hw, "batch": (bmin, bmax), "nms": nms, "simplify": simplify}
+    opts = {"imgsz": hw, "batch": (bmin, bmax), "nms": nms, "simplify": simplify, "dynamic_hw": dynamic_hw}
     if nms:
         opts.update(conf=conf, iou=iou, max_det=max_det)
     # Folder = what was asked for (weights + options) + how it was made (tool source and
@@ -223,7 +228,8 @@ def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tup
     what = _digest(file_sha256(pt), sorted(opts.items()))
     how = _digest(_source_digest(EXPORT_SRC), _versions())[:8]
     layout = "nms" if nms else "raw"
-    name = f"{pt.stem}-{hw[0]}x{hw[1]}-b{bmin}-{bmax}-{layout}"
+    size = f"upto{hw[0]}x{hw[1]}" if dynamic_hw else f"{hw[0]}x{hw[1]}"
+    name = f"{pt.stem}-{size}-b{bmin}-{bmax}-{layout}"
     exports = CACHE_DIR / "exports"
     folder = exports / f"{name}-{what}-{how}"
     model = folder / f"{name}.onnx"
@@ -232,8 +238,8 @@ def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tup
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     request = ExportRequest(weights=pt, imgsz=hw, batch_min=bmin, batch_max=bmax,
-                            dynamic_batch=dynamic, nms=nms, conf=conf, iou=iou, max_det=max_det,
-                            simplify=simplify, out_dir=tmp, name=name)
+                            dynamic_batch=dynamic, dynamic_hw=dynamic_hw, nms=nms, conf=conf, iou=iou,
+                            max_det=max_det, simplify=simplify, out_dir=tmp, name=name)
     result = run_export(request)
     # Timings of the export, for whoever wonders what the first test run spent its time on.
     record = {"seconds": round(result.seconds, 2),
@@ -256,7 +262,7 @@ def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tup
 @pytest.fixture(scope="session")
 def exported_model() -> ExportFactory:
     """Factory ``exported_model(pt, imgsz=320, batch=(1, 8), nms=False, *, conf, iou, max_det,
-    simplify) -> Path`` of the exported .onnx (its manifest sits beside it)."""
+    simplify, dynamic_hw=False) -> Path`` of the exported .onnx (its manifest sits beside it)."""
     return export_cached
 
 
@@ -268,3 +274,14 @@ def fall_onnx_320(fall_pt: Path, exported_model: ExportFactory) -> Path:
 @pytest.fixture(scope="session")
 def yolov8n_onnx_320(yolov8n_pt: Path, exported_model: ExportFactory) -> Path:
     return exported_model(yolov8n_pt, 320, (1, 8), False)
+
+
+@pytest.fixture(scope="session")
+def fall_onnx_640_anyhw(fall_pt: Path, exported_model: ExportFactory) -> Path:
+    # 640: the size the checkpoint was trained at, which Ultralytics' default predict uses.
+    return exported_model(fall_pt, 640, (1, 8), False, dynamic_hw=True)
+
+
+@pytest.fixture(scope="session")
+def yolov8n_onnx_640_anyhw(yolov8n_pt: Path, exported_model: ExportFactory) -> Path:
+    return exported_model(yolov8n_pt, 640, (1, 8), False, dynamic_hw=True)

@@ -52,7 +52,7 @@ def test_good_config_loads_and_expands_env(tmp_path: Path, model_file: Path) -> 
     assert cfg.cameras[1].open_url() == "rtsp://viewer:p%40ss%3Aw%2Frd@127.0.0.1:8554/yard"
     assert cfg.cameras[1].url == "rtsp://127.0.0.1:8554/yard"
     assert cfg.publisher.endpoint == "tcp://127.0.0.1:5555"
-    assert cfg.cameras[0].queue_depth == 2 and cfg.cameras[0].transport == "tcp"
+    assert cfg.cameras[0].queue_depth == 1 and cfg.cameras[0].transport == "tcp"
 
 
 @pytest.mark.parametrize("text, field, line, words", [

@@ -61,12 +61,14 @@ class ExportCase:
     batch: int | tuple[int, int]
     nms: bool
     simplify: bool = True
+    dynamic_hw: bool = False             # any H x W up to imgsz (the tool's default)
 
     @property
     def id(self) -> str:
         b = self.batch if isinstance(self.batch, int) else f"{self.batch[0]}-{self.batch[1]}"
         extra = "" if self.simplify else "-nosimplify"
-        return f"{self.model}-{self.imgsz[0]}x{self.imgsz[1]}-b{b}-{'nms' if self.nms else 'raw'}{extra}"
+        size = f"{'upto' if self.dynamic_hw else ''}{self.imgsz[0]}x{self.imgsz[1]}"
+        return f"{self.model}-{size}-b{b}-{'nms' if self.nms else 'raw'}{extra}"
 
 
 EXPORT_CASES = [
@@ -75,7 +77,20 @@ EXPORT_CASES = [
     ExportCase("yolov8n", (320, 320), (1, 8), False),    # the daemon tests' model
     ExportCase("yolov8n", (320, 320), 2, False, simplify=False),
     ExportCase("yolov8n", (256, 320), (2, 4), True),
+    # Any H x W: both batch kinds, with and without NMS or simplification.
+    ExportCase("yolov8n", (320, 320), (1, 8), False, dynamic_hw=True),
+    ExportCase("yolov8n", (320, 320), 2, True, dynamic_hw=True),
+    ExportCase("yolov8n", (256, 320), 1, False, simplify=False, dynamic_hw=True),
+    ExportCase("fall", (320, 320), (2, 4), True, dynamic_hw=True),
 ]
+# Smaller inputs of other aspects an any-size model must take (scaled to imgsz below).
+RECT_FRACTIONS = ((1.0, 0.6), (0.6, 1.0), (0.5, 0.5))
+
+
+def rect_sizes(imgsz: tuple[int, int]) -> list[tuple[int, int]]:
+    h, w = imgsz
+    return sorted({(max(32, int(h * fh) // 32 * 32), max(32, int(w * fw) // 32 * 32))
+                   for fh, fw in RECT_FRACTIONS})
 
 
 @pytest.mark.slow
@@ -87,7 +102,7 @@ def test_manifest_describes_the_exported_graph(case: ExportCase, request: pytest
 
     pt: Path = request.getfixturevalue(f"{case.model}_pt")   # only the model this case needs
     path = exported_model(pt, case.imgsz, case.batch, case.nms, conf=0.2, iou=0.6, max_det=100,
-                          simplify=case.simplify)
+                          simplify=case.simplify, dynamic_hw=case.dynamic_hw)
     m = ModelManifest.read(path)
     graph = onnx.load(str(path))
     h, w = case.imgsz
@@ -101,6 +116,7 @@ def test_manifest_describes_the_exported_graph(case: ExportCase, request: pytest
     assert m.source["weights"] == pt.name and m.source["sha256"] == sha256_of(pt)
     assert m.class_names == names
     assert (m.imgsz, m.batch_min, m.batch_max, m.stride) == ((h, w), bmin, bmax, 32)
+    assert m.dynamic_hw is case.dynamic_hw
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     assert m.opset == opset
 
@@ -108,17 +124,22 @@ def test_manifest_describes_the_exported_graph(case: ExportCase, request: pytest
     (inp,) = graph.graph.input
     assert m.input_name == inp.name and m.input_dtype == "float32"
     in_dims = graph_dims(inp)
-    assert in_dims[1:] == [3, h, w]
+    if case.dynamic_hw:
+        assert in_dims[1] == 3 and all(isinstance(d, str) and d for d in in_dims[2:]), in_dims
+    else:
+        assert in_dims[1:] == [3, h, w]
     assert isinstance(in_dims[0], str) if dynamic else in_dims[0] == bmax
     assert m.output_names == [o.name for o in graph.graph.output]
     out_dims = graph_dims(graph.graph.output[0])
+    assert isinstance(out_dims[0], str) if dynamic else out_dims[0] == bmax
     if case.nms:
         assert m.output_layout == LAYOUT_END2END
         assert m.nms == {"conf": 0.2, "iou": 0.6, "max_det": 100}
         assert out_dims[1:] == [100, 6]
     else:
         assert m.output_layout == LAYOUT_RAW and m.nms is None
-        assert out_dims[1:] == [4 + len(names), anchors(h, w)]
+        # The anchor count follows the input size when that is dynamic.
+        assert out_dims[1:] == [4 + len(names), "anchors" if case.dynamic_hw else anchors(h, w)]
 
     # Ultralytics' own metadata in the graph agrees on the classes.
     meta = {p.key: p.value for p in graph.metadata_props}
@@ -131,19 +152,207 @@ def test_manifest_describes_the_exported_graph(case: ExportCase, request: pytest
     created = datetime.strptime(m.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert created <= datetime.now(timezone.utc)
 
-    # It runs at both ends of its batch range with the promised output shape.
+    # It runs at both ends of its batch range with the promised output shape, and an
+    # any-size model also at smaller sizes of other aspects.
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sizes = [(h, w), *rect_sizes((h, w))] if case.dynamic_hw else [(h, w)]
     for n in sorted({bmin, bmax}):
-        x = np.random.default_rng(n).random((n, 3, h, w), dtype=np.float32)
-        (y,) = sess.run(None, {m.input_name: x})
-        want = [n, 100, 6] if case.nms else [n, 4 + len(names), anchors(h, w)]
-        assert list(y.shape) == want
+        for sh, sw in sizes:
+            x = np.random.default_rng(n).random((n, 3, sh, sw), dtype=np.float32)
+            (y,) = sess.run(None, {m.input_name: x})
+            want = [n, 100, 6] if case.nms else [n, 4 + len(names), anchors(sh, sw)]
+            assert list(y.shape) == want, (sh, sw)
+            assert np.isfinite(y).all()
 
     # And the daemon's backend accepts it, facts taken from the manifest.
     with open_backend(path, device="cpu", warmup=False) as backend:
         info = backend.info
         assert info.source == "manifest" and info.names == names and info.input_hw == (h, w)
         assert (info.batch_min, info.batch_max, info.output_layout) == (bmin, bmax, m.output_layout)
+        assert (info.dynamic_hw, info.stride) == (case.dynamic_hw, 32)
+
+
+# ---------------------------------------------------------------------------------------
+# models that take any H x W
+# ---------------------------------------------------------------------------------------
+def test_manifest_round_trip_with_and_without_dynamic_hw(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model bytes")
+    base = ModelManifest(model_file=model.name, model_sha256=sha256_of(model), model_format="onnx",
+                         class_names={0: "Normal", 1: "Fall"}, imgsz=(640, 640), batch_min=1,
+                         batch_max=8, output_layout=LAYOUT_RAW)
+    assert base.dynamic_hw is False
+    for dynamic_hw in (False, True):
+        m = ModelManifest(**{**base.__dict__, "dynamic_hw": dynamic_hw})
+        m.write(model)
+        data = json.loads(sidecar_path(model).read_text())
+        assert data["dynamic_hw"] is dynamic_hw
+        assert ModelManifest.read(model) == m
+    # A manifest written before the key existed describes a fixed-size model.
+    data.pop("dynamic_hw")
+    sidecar_path(model).write_text(json.dumps(data))
+    old = ModelManifest.read(model)
+    assert old.dynamic_hw is False and old.imgsz == (640, 640)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"dynamic_hw": "yes"}, "dynamic_hw must be true or false, got 'yes'"),
+    ({"dynamic_hw": True, "imgsz": [640, 600]}, "imgsz 640x600 of a dynamic_hw model must be multiples "
+                                                "of its stride 32"),
+    ({"stride": 0}, "stride 0 is invalid"),
+])
+def test_manifest_refuses_a_bad_dynamic_hw(change: dict[str, Any], needle: str) -> None:
+    from streamd.errors import ManifestError
+
+    d = {"model_file": "m.onnx", "model_sha256": "0" * 64, "model_format": "onnx",
+         "class_names": {"0": "a"}, "imgsz": [640, 640], "batch_min": 1, "batch_max": 1,
+         "output_layout": LAYOUT_RAW, **change}
+    with pytest.raises(ManifestError, match=needle):
+        ModelManifest.from_dict(d, where="m.onnx.json")
+
+
+def _cli_export(pt: Path, out_dir: Path, *args: str) -> Path:
+    rc = main([str(pt), "--imgsz", "320", "--batch", "1-2", "--out-dir", str(out_dir), *args])
+    assert rc == 0
+    (path,) = out_dir.glob("*.onnx")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_default_takes_any_size_and_fixed_size_pins_it(yolov8n_pt: Path, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    anyhw = _cli_export(yolov8n_pt, tmp_path / "default")
+    out = capfd.readouterr().out
+    assert "any H x W up to 320 x 320 (multiples of 32)" in out
+    g = onnx.load(str(anyhw), load_external_data=False).graph
+    assert graph_dims(g.input[0]) == ["batch", 3, "height", "width"]
+    assert graph_dims(g.output[0]) == ["batch", 84, "anchors"]
+    m = ModelManifest.read(anyhw)
+    assert m.dynamic_hw is True and m.imgsz == (320, 320) and m.stride == 32
+
+    fixed = _cli_export(yolov8n_pt, tmp_path / "fixed", "--fixed-size")
+    assert "3 x 320 x 320" in capfd.readouterr().out
+    g = onnx.load(str(fixed), load_external_data=False).graph
+    assert graph_dims(g.input[0]) == ["batch", 3, 320, 320]
+    assert graph_dims(g.output[0]) == ["batch", 84, anchors(320, 320)]
+    assert ModelManifest.read(fixed).dynamic_hw is False
+
+
+@pytest.mark.slow
+def test_any_size_model_runs_at_each_cameras_own_size(yolov8n_onnx_640_anyhw: Path) -> None:
+    from streamd.preprocess import net_shape_for
+
+    # The inputs of a 3:4 portrait camera (bus.jpg's 810x1080), a 16:9 one (zidane.jpg's
+    # 1280x720) and a square one, as H x W.
+    sizes = [net_shape_for(fw, fh, (640, 640), 32) for fw, fh in ((810, 1080), (1280, 720), (1000, 1000))]
+    assert sizes == [(640, 480), (384, 640), (640, 640)]
+    with open_backend(yolov8n_onnx_640_anyhw, device="cpu", warmup=False) as backend:
+        info = backend.info
+        assert (info.dynamic_hw, info.stride, info.input_hw) == (True, 32, (640, 640))
+        for h, w in sizes:
+            for n in (1, 3):
+                x = np.random.default_rng(h + w).random((n, 3, h, w), dtype=np.float32)
+                y = backend.infer(x)
+                # One anchor per cell of each of the three levels (strides 8, 16, 32).
+                assert y.shape == (n, 84, sum((h // s) * (w // s) for s in STRIDES)), (h, w)
+                assert np.isfinite(y).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "needle"), [
+    ((1, 3, 384, 630), "got (1, 3, 384, 630)"),                 # not a multiple of the stride
+    ((1, 3, 650, 640), "got (1, 3, 650, 640)"),                 # not a multiple, and too tall
+    ((1, 3, 672, 640), "got (1, 3, 672, 640)"),                 # a multiple, but too tall
+    ((2, 3, 384, 704), "got (2, 3, 384, 704)"),                 # too wide
+    ((1, 1, 384, 640), "got (1, 1, 384, 640)"),                 # one channel
+    ((9, 3, 384, 640), "batch of 9 is outside the model's range 1-8"),
+])
+def test_any_size_model_refuses_what_it_cannot_take(yolov8n_onnx_640_anyhw: Path, shape: tuple[int, ...],
+                                                    needle: str) -> None:
+    from streamd.errors import BackendError
+
+    with open_backend(yolov8n_onnx_640_anyhw, device="cpu", warmup=False) as backend:
+        with pytest.raises(BackendError) as err:
+            backend.infer(np.zeros(shape, np.float32))
+    msg = str(err.value)
+    assert needle in msg and yolov8n_onnx_640_anyhw.name in msg
+    if "batch of" not in needle:
+        assert ("expects shape (n, 3, h, w) with h <= 640 and w <= 640, both multiples of the "
+                "stride 32") in msg
+
+
+@pytest.mark.slow
+def test_fixed_size_model_still_takes_only_its_size(yolov8n_onnx_320: Path) -> None:
+    from streamd.errors import BackendError
+
+    with open_backend(yolov8n_onnx_320, device="cpu", warmup=False) as backend:
+        assert backend.info.dynamic_hw is False
+        with pytest.raises(BackendError, match=r"expects shape \(n, 3, 320, 320\), got \(1, 3, 192, 320\)"):
+            backend.infer(np.zeros((1, 3, 192, 320), np.float32))
+
+
+@pytest.mark.slow
+def test_any_size_is_found_in_the_graph_without_a_manifest(yolov8n_onnx_640_anyhw: Path,
+                                                          yolov8n_onnx_320: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.onnx"
+    shutil.copyfile(yolov8n_onnx_640_anyhw, bare)      # no manifest beside it
+    with open_backend(bare, device="cpu", warmup=False) as backend:
+        info = backend.info
+        assert info.source == "onnx-metadata"
+        # Symbolic H and W in the graph; the size and stride from Ultralytics' metadata.
+        assert (info.dynamic_hw, info.input_hw, info.stride) == (True, (640, 640), 32)
+        assert backend.infer(np.zeros((1, 3, 384, 640), np.float32)).shape == (1, 84, anchors(384, 640))
+    fixed = tmp_path / "fixed.onnx"
+    shutil.copyfile(yolov8n_onnx_320, fixed)
+    with open_backend(fixed, device="cpu", warmup=False) as backend:
+        assert (backend.info.dynamic_hw, backend.info.input_hw) == (False, (320, 320))
+
+
+@pytest.mark.slow
+def test_manifest_claiming_any_size_for_a_fixed_graph_is_refused(yolov8n_onnx_320: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from streamd.errors import ManifestError
+
+    model = tmp_path / yolov8n_onnx_320.name
+    shutil.copyfile(yolov8n_onnx_320, model)
+    replace(ModelManifest.read(yolov8n_onnx_320), dynamic_hw=True).write(model)
+    with pytest.raises(ManifestError, match=r"manifest says the model takes any H x W up to 320x320, "
+                                            r"but the graph's input is \['batch', 3, 320, 320\]"):
+        open_backend(model, device="cpu", warmup=False)
+
+
+@pytest.mark.slow
+def test_in_graph_nms_with_any_size_agrees_with_the_raw_head(yolov8n_pt: Path, exported_model: Any,
+                                                             sample_images: list[Path]) -> None:
+    import cv2
+
+    from streamd.postprocess import PostprocessParams, postprocess
+    from streamd.preprocess import BatchBuffer, net_shape_for
+
+    raw = exported_model(yolov8n_pt, 320, (1, 8), False, dynamic_hw=True)
+    e2e = exported_model(yolov8n_pt, 320, 2, True, conf=0.2, iou=0.6, max_det=100, dynamic_hw=True)
+    params = PostprocessParams(conf=0.2, iou=0.6, max_det=100)
+    total = 0
+    with open_backend(raw, device="cpu", warmup=False) as a, open_backend(e2e, device="cpu", warmup=False) as b:
+        assert b.info.dynamic_hw and b.info.output_layout == LAYOUT_END2END
+        for path in sample_images:
+            img = cv2.imread(str(path))
+            assert img is not None
+            net_h, net_w = net_shape_for(img.shape[1], img.shape[0], (320, 320), 32)
+            assert (net_h, net_w) != (320, 320)
+            x, boxes = BatchBuffer(1, net_h, net_w, fit=(320, 320)).fill([img])
+            (want,) = postprocess(a.infer(x), LAYOUT_RAW, boxes, a.info.names, params)
+            y = b.infer(x)
+            assert y.shape == (1, 100, 6)
+            (got,) = postprocess(y, LAYOUT_END2END, boxes, b.info.names, params)
+            assert [d.class_id for d in got] == [d.class_id for d in want]
+            np.testing.assert_allclose([d.box for d in got], [d.box for d in want], atol=0.05)
+            np.testing.assert_allclose([d.confidence for d in got], [d.confidence for d in want], atol=1e-4)
+            total += len(want)
+    assert total >= 4, "too few boxes for a meaningful comparison"
 
 
 # ---------------------------------------------------------------------------------------

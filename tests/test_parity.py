@@ -14,6 +14,11 @@ with Ultralytics in three ways:
   the network then sees a different picture, and on the fall model at 320 that moves boxes
   to IoU 0.76 and scores by 0.16 (0.68 and 0.14 on bus.jpg at 640) - a property of the
   model, not of streamd.
+* ``YOLO(model.pt).predict(picture)`` with nothing but its defaults (640, rect letterbox,
+  conf 0.25), against a model exported to take any H x W up to 640, run the way the daemon
+  runs a camera: ``net_shape_for`` picks the input size, ``BatchBuffer(fit=imgsz)`` letterboxes
+  into it. One export serves every aspect, and every box must be found (IoU >= 0.95,
+  |conf diff| <= 0.01), none excused.
 
 A reference box may go unmatched, and streamd may have an extra box, only when its score
 is within the confidence tolerance of the threshold (the two runtimes may round it to
@@ -40,7 +45,14 @@ from streamd.backends import open_backend
 from streamd.entities import Detection
 from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW
 from streamd.postprocess import PostprocessParams, nms, postprocess
-from streamd.preprocess import PAD_VALUE, Letterbox, letterbox_batch, letterbox_geometry
+from streamd.preprocess import (
+    PAD_VALUE,
+    BatchBuffer,
+    Letterbox,
+    letterbox_batch,
+    letterbox_geometry,
+    net_shape_for,
+)
 
 IMGSZ = 320
 IOU = 0.7
@@ -51,6 +63,7 @@ RANDOM_TARGET_BOXES = 40
 
 ONNX_IOU_MIN, ONNX_CONF_TOL = 0.99, 0.005
 PT_IOU_MIN, PT_CONF_TOL = 0.98, 0.01
+ANYHW_IOU_MIN, ANYHW_CONF_TOL = 0.95, 0.01
 
 MODELS = ("fall", "yolov8n")
 LAYOUTS = ("raw", "nms")
@@ -324,6 +337,52 @@ def test_matches_default_pt_predict_at_its_rectangle(fall_case: Case, images: li
     got = run_streamd(onnx, [img], [FALL_CONF])
     res = assert_match(ref, got, [FALL_CONF], PT_IOU_MIN, PT_CONF_TOL, f"fall at {h}x{w} vs default predict")
     _report(f"fall/raw {h}x{w} vs YOLO(pt).predict() default rect", res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1], ids=["bus", "zidane"])
+def test_any_size_model_matches_default_pt_predict(fall_pt: Path, fall_onnx_640_anyhw: Path,
+                                                   images: list[np.ndarray], index: int) -> None:
+    from ultralytics import YOLO
+
+    img = images[index]
+    frame_h, frame_w = img.shape[:2]
+    # A fresh model: a predictor reused across calls keeps the arguments of earlier ones. Only
+    # the device is named (the CPU streamd's ONNX Runtime also uses here); it does not touch
+    # the preprocessing, thresholds or sizes.
+    yolo = YOLO(str(fall_pt), task="detect")
+    (result,) = yolo.predict(img, verbose=False, device="cpu")
+    ref = dets_from_ultralytics(result)
+    predictor = cast(Any, yolo.predictor)
+    args = predictor.args
+    conf, iou, max_det = float(args.conf), float(args.iou), int(args.max_det)
+    assert (conf, iou, max_det, bool(args.rect)) == (0.25, 0.7, 300, True), "not Ultralytics' defaults"
+    # The exact network input Ultralytics built for this picture, from its own predictor.
+    (ref_input,) = predictor.pre_transform([img])
+    ref_hw = ref_input.shape[:2]
+
+    with open_backend(fall_onnx_640_anyhw, device="cpu", warmup=False) as backend:
+        info = backend.info
+        assert info.dynamic_hw and tuple(predictor.imgsz) == info.input_hw, \
+            f"default predict ran at {predictor.imgsz}, the model was exported up to {info.input_hw}"
+        net_h, net_w = net_shape_for(frame_w, frame_h, info.input_hw, info.stride)
+        assert (net_h, net_w) == ref_hw != info.input_hw
+        tensor, boxes = BatchBuffer(1, net_h, net_w, fit=info.input_hw).fill([img])
+        # The same picture, pixel for pixel, as Ultralytics feeds its network.
+        want = ref_input[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255.0
+        np.testing.assert_allclose(tensor[0], want, rtol=0, atol=1e-6)
+        raw = backend.infer(tensor)
+        params = PostprocessParams(conf=conf, iou=iou, max_det=max_det)
+        (dets,) = postprocess(raw, info.output_layout, boxes, info.names, params)
+    got = dets_from_streamd(dets)
+
+    assert len(ref) >= 2, "too few reference boxes for a meaningful comparison"
+    res = compare(ref, got, conf, ANYHW_IOU_MIN, ANYHW_CONF_TOL)
+    assert not res.problems(), (f"fall at {net_h}x{net_w} vs default predict:\n  "
+                                + "\n  ".join(res.problems()))
+    # Nothing excused: every reference box found, and streamd reports no box of its own.
+    assert res.excused == 0 and res.matched == len(ref) == len(got), res
+    _report(f"fall/raw any-size at {net_h}x{net_w} vs YOLO(pt).predict() defaults", [res])
 
 
 # ---------------------------------------------------------------------------------------

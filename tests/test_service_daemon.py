@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -107,15 +107,17 @@ def test_watchdog_pings_stop_when_inference_hangs(yolov8n_onnx_320: Path, test_m
     daemon.watchdog_stall_s = 2.0
     gate = threading.Event()
     gate.set()
-    real_infer = daemon.backend.infer
 
-    def gated_infer(batch: np.ndarray) -> np.ndarray:
-        while not gate.wait(0.1):
-            if daemon.stop_event.is_set():
-                break
-        return real_infer(batch)
+    def gated(real_infer: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        def gated_infer(batch: np.ndarray) -> np.ndarray:
+            while not gate.wait(0.1):
+                if daemon.stop_event.is_set():
+                    break
+            return real_infer(batch)
+        return gated_infer
 
-    daemon.backend.infer = gated_infer  # type: ignore[method-assign]
+    for backend in daemon.backend.backends:      # every worker of the pool
+        backend.infer = gated(backend.infer)  # type: ignore[method-assign]
     notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"})
     t = threading.Thread(target=daemon.run, kwargs={"install_signals": False, "notifier": notifier})
     t.start()

@@ -24,19 +24,25 @@ from streamd.backends import backend_for, open_backend
 from streamd.errors import BackendError, ManifestError
 from streamd.manifest import LAYOUT_RAW, ModelManifest, sha256_file
 from streamd.trt_logic import (
+    BUILD_HW_PROFILE,
     BatchProfile,
     EngineRefused,
+    HwProfile,
     RuntimeFacts,
     TensorSpec,
     TrtVersion,
     build_mode,
     check_engine,
     check_io,
+    check_runtime_shape,
     check_source_onnx,
     check_supported,
+    choose_hw_profile,
     choose_profile,
     choose_run_batch,
     head_prefix,
+    hw_profile_for_network,
+    hw_profile_from_shapes,
     is_decode_node,
     keep_float_in_int8,
     nbytes,
@@ -45,6 +51,7 @@ from streamd.trt_logic import (
     plan_buffers,
     plan_incompatibility,
     profile_from_shapes,
+    profile_shapes,
     resolve_shape,
     trt_dtype_name,
 )
@@ -216,6 +223,133 @@ def test_io_check_says_expected_vs_got() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# engines of models that take any H x W
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("imgsz", "stride", "want_min"), [
+    ((640, 640), 32, (320, 320)),
+    ((384, 640), 32, (192, 320)),
+    ((320, 320), 32, (160, 160)),
+    ((480, 640), 32, (256, 320)),     # 240 rounds up to the stride
+    ((64, 64), 32, (32, 32)),
+    ((32, 32), 32, (32, 32)),         # never below one stride
+    ((1280, 1280), 64, (640, 640)),
+])
+def test_hw_profile_spans_half_the_size_to_the_full_size(imgsz: tuple[int, int], stride: int,
+                                                        want_min: tuple[int, int]) -> None:
+    p = choose_hw_profile(imgsz, stride)
+    assert (p.min, p.opt, p.max, p.stride) == (want_min, imgsz, imgsz, stride)
+
+
+def test_hw_profile_covers_the_common_camera_aspects_at_640() -> None:
+    from streamd.preprocess import net_shape_for
+
+    p = choose_hw_profile((640, 640), 32)
+    # 4:3, 3:2, 16:10, 16:9, 2:1 and their portrait forms run at their own input size.
+    for fw, fh in ((640, 480), (1920, 1280), (1920, 1200), (1920, 1080), (1280, 640), (1080, 1920),
+                   (480, 640), (1000, 1000)):
+        h, w = net_shape_for(fw, fh, (640, 640), 32)
+        assert p.contains(h, w), (fw, fh, h, w)
+        assert p.run_hw(h, w) == (h, w)
+    # A 32:9 panorama is padded up to the minimum height (bottom rows), not refused.
+    h, w = net_shape_for(3840, 1080, (640, 640), 32)
+    assert (h, w) == (192, 640) and not p.contains(h, w)
+    assert p.run_hw(h, w) == (320, 640)
+
+
+def test_hw_profile_refuses_sizes_it_cannot_run() -> None:
+    p = choose_hw_profile((640, 640), 32)
+    with pytest.raises(ValueError, match="input 672x640 is larger than the engine's largest, 640x640"):
+        p.run_hw(672, 640)
+    with pytest.raises(ValueError, match="input 384x630: height and width must be positive multiples "
+                                         "of the stride 32"):
+        p.run_hw(384, 630)
+    assert not p.contains(384, 630) and not p.contains(640, 672)
+    with pytest.raises(ValueError, match="imgsz 640x600: both sides must be positive multiples of the "
+                                         "stride 32"):
+        choose_hw_profile((640, 600), 32)
+    with pytest.raises(ValueError, match="width profile min 320 / opt 640 / max 320: need"):
+        HwProfile((320, 320), (640, 640), (640, 320))
+    with pytest.raises(ValueError, match="height profile min 100 / opt 640 / max 640: 100 is not a "
+                                         "multiple of the stride 32"):
+        HwProfile((100, 320), (640, 640), (640, 640))
+
+
+def test_hw_profile_shapes_and_round_trip() -> None:
+    batch = BatchProfile(1, 8, 8)
+    hw = choose_hw_profile((384, 640), 32)
+    assert profile_shapes(batch, hw, (384, 640)) == ((1, 3, 192, 320), (8, 3, 384, 640), (8, 3, 384, 640))
+    # A fixed-size engine: the batch profile at imgsz, as before.
+    assert profile_shapes(batch, None, (320, 256)) == batch.shapes((3, 320, 256))
+    # What the manifest records and what TensorRT reports both give the profile back.
+    assert HwProfile.from_dict(json.loads(json.dumps(hw.as_dict()))) == hw
+    assert hw_profile_from_shapes(*profile_shapes(batch, hw, (384, 640)), stride=32) == hw
+    assert profile_from_shapes(*profile_shapes(batch, hw, (384, 640))) == batch
+
+
+def test_hw_profile_follows_the_network_input() -> None:
+    assert hw_profile_for_network((-1, 3, 320, 320), (320, 320)) is None
+    assert hw_profile_for_network((-1, 3, -1, -1), (640, 640)) == choose_hw_profile((640, 640))
+    mine = HwProfile((384, 384), (512, 512), (640, 640))
+    assert hw_profile_for_network((4, 3, -1, -1), (640, 640), requested=mine) == mine
+    with pytest.raises(ValueError, match=r"m.onnx: shape \(-1, 3, -1, 640\) has one of height and width "
+                                         r"dynamic, the other fixed"):
+        hw_profile_for_network((-1, 3, -1, 640), (640, 640), name="m.onnx")
+    with pytest.raises(ValueError, match=r"has a fixed height and width; an H x W profile"):
+        hw_profile_for_network((-1, 3, 640, 640), (640, 640), requested=mine)
+    with pytest.raises(ValueError, match=r"shape \(-1, 3, 320, 320\) is not of the manifest's size 640x640"):
+        hw_profile_for_network((-1, 3, 320, 320), (640, 640))
+    with pytest.raises(ValueError, match="profile max 640x640 is not the manifest's imgsz 320x320"):
+        hw_profile_for_network((-1, 3, -1, -1), (320, 320), requested=mine)
+    with pytest.raises(ValueError, match=r"is not \(batch, 3, height, width\)"):
+        hw_profile_for_network((-1, 3, 640), (640, 640))
+
+
+def test_io_check_of_an_any_size_engine() -> None:
+    specs = [TensorSpec("images", True, (-1, 3, -1, -1), "FLOAT"),
+             TensorSpec("output0", False, (-1, 6, -1), "FLOAT")]
+    check_io(specs, path="m.engine", input_name="images", output_names=["output0"], imgsz=(640, 640),
+             dynamic_hw=True)
+    # The manifest and the engine must agree on which kind it is, either way round.
+    with pytest.raises(ValueError, match=r"has shape \(-1, 3, -1, -1\), expected \(batch, 3, 640, 640\)"):
+        check_io(specs, path="m.engine", input_name="images", output_names=["output0"], imgsz=(640, 640))
+    fixed = [TensorSpec("images", True, (-1, 3, 640, 640), "FLOAT"), specs[1]]
+    with pytest.raises(ValueError, match=r"has shape \(-1, 3, 640, 640\), expected \(batch, 3, -1, -1\): "
+                                         r"the manifest says the model takes any H x W up to 640x640"):
+        check_io(fixed, path="m.engine", input_name="images", output_names=["output0"], imgsz=(640, 640),
+                 dynamic_hw=True)
+
+
+def test_runtime_shapes_of_an_any_size_engine() -> None:
+    # Raw head at 384x640: 48*80 + 24*40 + 12*20 anchors.
+    assert check_runtime_shape((-1, 6, -1), (3, 6, 5040), 3, name="output0") == (3, 6, 5040)
+    assert check_runtime_shape((2, 6, -1), (2, 6, 5040), 2) == (2, 6, 5040)
+    with pytest.raises(ValueError, match=r"output0: TensorRT reports shape \(4, 6, 5040\) for a batch of 3, "
+                                         r"expected \(3, 6, '\?'\) \(axis 0\)"):
+        check_runtime_shape((-1, 6, -1), (4, 6, 5040), 3, name="output0")
+    with pytest.raises(ValueError, match=r"axis 1"):
+        check_runtime_shape((-1, 6, -1), (3, 7, 5040), 3)
+    with pytest.raises(ValueError, match=r"axis 2"):
+        check_runtime_shape((-1, 6, -1), (3, 6, 0), 3)
+    with pytest.raises(ValueError, match=r"reports shape \(3, 6\), the engine declares \(-1, 6, -1\)"):
+        check_runtime_shape((-1, 6, -1), (3, 6), 3)
+
+
+def test_buffers_of_an_any_size_engine_hold_its_largest_input() -> None:
+    specs = [TensorSpec("images", True, (-1, 3, -1, -1), "FLOAT"),
+             TensorSpec("output0", False, (-1, 6, -1), "FLOAT")]
+    # Without the shapes TensorRT reports at the largest input there is nothing to size by.
+    with pytest.raises(ValueError, match=r"images: shape \(-1, 3, -1, -1\) has dynamic axes \[2, 3\]"):
+        plan_buffers(specs, 8)
+    at_max = {"images": (8, 3, 640, 640), "output0": (8, 6, 8400)}
+    bufs = plan_buffers(specs, 8, at_max)
+    assert [(b.name, b.shape) for b in bufs] == [("images", (8, 3, 640, 640)), ("output0", (8, 6, 8400))]
+    assert bufs[1].nbytes == 8 * 6 * 8400 * 4
+    # Every smaller input's output fits in the same buffer.
+    small = check_runtime_shape((-1, 6, -1), (8, 6, 3 * 8400 // 5), 8)
+    assert nbytes(small, "FLOAT") <= bufs[1].nbytes
+
+
+# ---------------------------------------------------------------------------------------
 # precision per TensorRT version
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("version", "precision", "explicit", "strong", "flags", "pin"), [
@@ -377,6 +511,17 @@ def test_rebuild_source_must_be_the_recorded_onnx(tmp_path: Path) -> None:
     onnx.write_bytes(b"another model")
     with pytest.raises(EngineRefused, match="is not the ONNX this engine was built from"):
         check_source_onnx(m, onnx, sha256_file(onnx))
+
+
+def test_any_size_engine_manifest_records_its_hw_profile(tmp_path: Path) -> None:
+    engine = write_engine(tmp_path)
+    m = ModelManifest.read(engine)
+    hw = choose_hw_profile(m.imgsz, m.stride)
+    replace(m, dynamic_hw=True, build={**m.build, BUILD_HW_PROFILE: hw.as_dict()}).write(engine)
+    back = ModelManifest.read(engine)
+    assert back.dynamic_hw and HwProfile.from_dict(back.build[BUILD_HW_PROFILE]) == hw
+    # The engine checks do not depend on the input size.
+    assert verdict_for(engine).action == "load"
 
 
 # ---------------------------------------------------------------------------------------

@@ -114,12 +114,11 @@ def main() -> int:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         cfg = out / "streamd.yaml"
         cams = "".join(
-            f"  - id: {m.strip('/')}\n    url: {base}{m}\n    queue_depth: 1\n    snapshot: on_detection\n"
+            f"  - id: {m.strip('/')}\n    url: {base}{m}\n    snapshot: on_detection\n"
             f"    snapshot_interval_s: 2\n"
             for m in mounts)
         cfg.write_text(
             f"# written by tools/demo.py\nmodel:\n  path: {onnx}\n  conf: 0.4\n"
-            f"scheduler:\n  max_batch: 3\n  max_wait_ms: 20\n  max_frame_age_ms: 2000\n  pipeline_depth: 1\n"
             f"publisher:\n  endpoint: {endpoint}\nmetrics:\n  port: 0\ncameras:\n{cams}")
         step(f"running: streamd run -c {cfg.relative_to(REPO) if cfg.is_relative_to(REPO) else cfg}")
         daemon = subprocess.Popen([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)],

@@ -3,6 +3,11 @@
 A backend loads one model file, checks it against its manifest, warms up, and then runs
 ``infer(batch)`` on a (n, 3, H, W) float batch, returning the model's single output array
 for those n images. It knows nothing of cameras.
+
+A fixed-size model takes exactly its ``input_hw``. A ``dynamic_hw`` model takes any H, W
+that are multiples of its ``stride`` up to ``input_hw``, so a caller can letterbox each
+camera to its own aspect (``streamd.preprocess.net_shape_for``); every image of one batch
+still shares one H x W.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class ModelInfo:
     path: Path
     names: dict[int, str]
     input_name: str
-    input_hw: tuple[int, int]        # (height, width)
+    input_hw: tuple[int, int]        # (height, width); the largest accepted when dynamic_hw
     input_dtype: np.dtype
     batch_min: int
     batch_max: int
@@ -32,11 +37,21 @@ class ModelInfo:
     precision: str = "fp32"
     sha256: str = ""
     source: str = "manifest"          # where the facts came from: "manifest" | "onnx-metadata"
+    dynamic_hw: bool = False         # any H, W that are multiples of ``stride`` up to input_hw
+    stride: int = 32
 
     def describe(self) -> str:
         h, w = self.input_hw
-        return (f"{self.path.name} ({len(self.names)} classes, {w}x{h}, batch "
+        size = f"any HxW up to {w}x{h} (stride {self.stride})" if self.dynamic_hw else f"{w}x{h}"
+        return (f"{self.path.name} ({len(self.names)} classes, {size}, batch "
                 f"{self.batch_min}-{self.batch_max}, {self.output_layout}, {self.precision})")
+
+    def accepts_hw(self, h: int, w: int) -> bool:
+        """Whether an input of ``h`` x ``w`` pixels fits the model."""
+        max_h, max_w = self.input_hw
+        if not self.dynamic_hw:
+            return (h, w) == (max_h, max_w)
+        return 0 < h <= max_h and 0 < w <= max_w and h % self.stride == 0 and w % self.stride == 0
 
 
 class Backend(abc.ABC):
@@ -63,7 +78,13 @@ class Backend(abc.ABC):
         """Refuse a batch the model cannot take, saying expected vs got."""
         info = self.info
         h, w = info.input_hw
-        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+        if info.dynamic_hw:
+            if batch.ndim != 4 or batch.shape[1] != 3 or not info.accepts_hw(*batch.shape[2:]):
+                raise BackendError(
+                    f"{info.path.name}: input {info.input_name!r} expects shape (n, 3, h, w) with "
+                    f"h <= {h} and w <= {w}, both multiples of the stride {info.stride}; got "
+                    f"{tuple(batch.shape)}")
+        elif batch.ndim != 4 or batch.shape[1:] != (3, h, w):
             raise BackendError(f"{info.path.name}: input {info.input_name!r} expects shape "
                                f"(n, 3, {h}, {w}), got {tuple(batch.shape)}")
         if not 1 <= batch.shape[0] <= info.batch_max:

@@ -93,12 +93,18 @@ class OnnxRuntimeBackend(Backend):
         if dtype is None:
             raise ModelError(f"{self.path}: input type {inp.type} is not supported (float or float16)")
         fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        # Symbolic (named or unnamed) dims 2 and 3: the graph itself takes any H x W.
+        graph_any_hw = not isinstance(inp.shape[2], int) and not isinstance(inp.shape[3], int)
         if manifest is not None:
             names = manifest.class_names
             hw = manifest.imgsz
             bmin, bmax = manifest.batch_min, manifest.batch_max
             layout, precision, source = manifest.output_layout, manifest.precision, "manifest"
             sha = manifest.model_sha256
+            dynamic_hw, stride = manifest.dynamic_hw, manifest.stride
+            if dynamic_hw and not graph_any_hw:
+                raise ManifestError(f"{self.path}: manifest says the model takes any H x W up to "
+                                    f"{hw[0]}x{hw[1]}, but the graph's input is {inp.shape}")
         else:
             meta = self._session.get_modelmeta().custom_metadata_map
             if "names" not in meta:
@@ -106,11 +112,26 @@ class OnnxRuntimeBackend(Backend):
                     f"{self.path}: no manifest ({sidecar_path(self.path).name}) and no class names "
                     f"in the ONNX metadata; export it with streamd-export")
             names = _parse_names(meta["names"])
+            try:
+                stride = int(meta.get("stride", 32))
+            except ValueError:
+                raise ManifestError(f"{self.path}: ONNX metadata stride {meta['stride']!r} is not "
+                                    f"an integer") from None
+            dynamic_hw = graph_any_hw
             if isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int):
                 hw = (inp.shape[2], inp.shape[3])
             else:
+                # Ultralytics records the size it exported at; for a graph that takes any
+                # H x W it is the largest input streamd feeds it.
                 h, w = ast.literal_eval(meta.get("imgsz", "[640, 640]"))
                 hw = (int(h), int(w))
+                if not graph_any_hw:
+                    raise ModelError(f"{self.path}: input {inp.name!r} has shape {inp.shape}: one of "
+                                     f"height and width is fixed, the other not; streamd takes "
+                                     f"models with both fixed or both dynamic")
+                if stride <= 0 or hw[0] % stride or hw[1] % stride:
+                    raise ManifestError(f"{self.path}: ONNX metadata imgsz {hw[0]}x{hw[1]} is not "
+                                        f"a multiple of its stride {stride}")
             bmin = 1
             # A dynamic export records its max batch in metadata; without it, be modest.
             bmax = fixed_batch or int(meta.get("batch", 1) or 1)
@@ -131,7 +152,8 @@ class OnnxRuntimeBackend(Backend):
                                     f"graph's input is {inp.shape}")
         return ModelInfo(path=self.path, names=names, input_name=inp.name, input_hw=hw,
                          input_dtype=np.dtype(dtype), batch_min=bmin, batch_max=bmax,
-                         output_layout=layout, precision=precision, sha256=sha, source=source)
+                         output_layout=layout, precision=precision, sha256=sha, source=source,
+                         dynamic_hw=dynamic_hw, stride=stride)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.check_batch(batch)

@@ -12,16 +12,22 @@ Loading, in order:
    refused with a message saying what to do, or, with ``rebuild=True``, answered by
    rebuilding the plan from the ONNX the manifest records (after checking its sha256);
 2. the plan is deserialized, its I/O tensors are checked by name, shape and dtype;
-3. pinned host buffers and device buffers sized for the profile's largest batch are
-   allocated once per in-flight slot.
+3. pinned host buffers and device buffers sized for the profile's largest batch (and, for
+   an engine that takes any H x W, its largest input size) are allocated once per
+   in-flight slot.
+
+An engine built from a model that takes any H x W runs each batch at the batch's own H x W:
+the input shape is set per batch, and the outputs are read at the shapes TensorRT reports
+for it. A batch smaller than the engine's H x W profile allows is padded up to it at the
+bottom and right (box coordinates, counted from the top-left corner, do not move).
 
 Overlap: ``infer_async(batch)`` queues copy-in, execution and copy-out on one CUDA stream
 and returns at once; ``wait(handle)`` returns that batch's output. With two slots (the
 default) a caller can queue the next batch while the GPU still runs the previous one.
-The daemon's scheduler calls the plain ``infer`` from its inference thread; its
-preparation and postprocessing threads (``scheduler.pipeline_depth``) already overlap
-letterboxing and NMS with the GPU, so ``infer`` blocking until its own output is back
-costs only the copies.
+The daemon's scheduler calls the plain ``infer`` from each of its workers; with two
+workers (``scheduler.workers``, each its own engine instance, execution context and CUDA
+stream) one worker's letterboxing and copies overlap the other's GPU work, so ``infer``
+blocking until its own output is back costs only the copies.
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ import numpy as np
 
 from ..errors import BackendError, ManifestError, ModelError
 from ..manifest import ModelManifest, sha256_file, sidecar_path
+from ..preprocess import PAD_VALUE
 from ..trt_logic import (
     BUILD_CC,
     BUILD_FLAGS,
     BUILD_GPU,
+    BUILD_HW_PROFILE,
     BUILD_PROFILE,
     BUILD_STRONGLY_TYPED,
     BUILD_TENSORRT,
@@ -54,6 +62,7 @@ from ..trt_logic import (
     BatchProfile,
     BufferSpec,
     EngineVerdict,
+    HwProfile,
     RuntimeFacts,
     TensorSpec,
     TrtVersion,
@@ -61,15 +70,19 @@ from ..trt_logic import (
     check_engine,
     check_engine_file,
     check_io,
+    check_runtime_shape,
     check_source_onnx,
     check_supported,
     choose_profile,
     choose_run_batch,
     format_cc,
     head_prefix,
+    hw_profile_for_network,
+    hw_profile_from_shapes,
     is_decode_node,
     plan_buffers,
     profile_from_shapes,
+    profile_shapes,
     resolve_shape,
     trt_dtype_name,
 )
@@ -255,9 +268,13 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
 def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, input_name: str,
                  imgsz: tuple[int, int], workspace_mb: int = DEFAULT_WORKSPACE_MB,
                  timing_cache: Path | None = None,
-                 progress: Callable[[str], None] | None = None) -> BuildOutcome:
+                 progress: Callable[[str], None] | None = None,
+                 hw_profile: HwProfile | None = None, stride: int = 32) -> BuildOutcome:
     """Build a serialized plan from an ONNX that already carries its precision (FP32, FP16
-    with casts, or INT8 Q/DQ). Never uses calibrators: INT8 is explicit Q/DQ only."""
+    with casts, or INT8 Q/DQ). Never uses calibrators: INT8 is explicit Q/DQ only.
+
+    An ONNX that takes any H x W gets ``hw_profile`` (default: ``choose_hw_profile(imgsz,
+    stride)``) for its height and width; one of fixed size is built at ``imgsz``."""
     say = progress or (lambda msg: log.info("%s", msg))
     trt = import_tensorrt()
     version = TrtVersion.parse(trt.__version__)
@@ -287,6 +304,11 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if names != [input_name]:
         raise BackendError(f"{onnx_path.name}: network inputs are {names}, expected [{input_name!r}]")
+    try:
+        hw = hw_profile_for_network(tuple(network.get_input(0).shape), imgsz, stride, hw_profile,
+                                    name=f"{onnx_path.name}: input {input_name!r}")
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -306,10 +328,12 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
                     if layer.get_output_type(k) in (trt.float16, trt.float32):
                         layer.set_output_type(k, trt.float32)
     opt_profile = builder.create_optimization_profile()
-    mn, opt, mx = profile.shapes((3, *imgsz))
+    mn, opt, mx = profile_shapes(profile, hw, imgsz)
     opt_profile.set_shape(input_name, mn, opt, mx)
     if config.add_optimization_profile(opt_profile) < 0:
-        raise BackendError(f"optimization profile {profile.as_dict()} refused{_errors(logger)}")
+        hw_text = f", H x W {hw.as_dict()}" if hw is not None else ""
+        raise BackendError(f"optimization profile batch {profile.as_dict()}{hw_text} refused"
+                           f"{_errors(logger)}")
 
     cache = None
     if timing_cache is not None:
@@ -339,6 +363,8 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
         BUILD_STRONGLY_TYPED: mode.strongly_typed,
         BUILD_FLAGS: list(mode.builder_flags),
     }
+    if hw is not None:
+        facts[BUILD_HW_PROFILE] = hw.as_dict()
     return BuildOutcome(bytes(memoryview(plan)), facts)
 
 
@@ -362,6 +388,14 @@ class InferHandle:
     ticket: int
     n: int                           # frames asked for (rows returned)
     run: int                         # batch executed (>= n when padded)
+    out_shape: tuple[int, ...] = ()  # the primary output's shape for this run
+
+
+def _leading(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The first elements of a (pinned) buffer viewed as one contiguous array of ``shape``;
+    no copy, so the view is pinned memory too."""
+    size = int(np.prod(shape))
+    return buffer.reshape(-1)[:size].reshape(shape)
 
 
 class TensorRTBackend(Backend):
@@ -380,6 +414,7 @@ class TensorRTBackend(Backend):
         self._runtime: Any = None
         self._stream: Any = None
         self._ticket = 0
+        self.hw_profile: HwProfile | None = None     # set for engines that take any H x W
         if device not in ("auto", "cuda"):
             raise BackendError(f"{self.path.name}: TensorRT engines run on an NVIDIA GPU, not on "
                                f"device {device!r}; use the .onnx model with the onnxruntime backend")
@@ -437,10 +472,12 @@ class TensorRTBackend(Backend):
         build = manifest.build or {}
         profile = (BatchProfile.from_dict(build[BUILD_PROFILE]) if BUILD_PROFILE in build
                    else choose_profile(manifest.batch_min, manifest.batch_max))
+        hw = HwProfile.from_dict(build[BUILD_HW_PROFILE]) if BUILD_HW_PROFILE in build else None
         outcome = build_engine(onnx_path, precision=manifest.precision, profile=profile,
                                input_name=manifest.input_name, imgsz=manifest.imgsz,
                                workspace_mb=int(build.get(BUILD_WORKSPACE_MB, DEFAULT_WORKSPACE_MB)),
-                               timing_cache=self.path.parent / "timing.cache")
+                               timing_cache=self.path.parent / "timing.cache",
+                               hw_profile=hw, stride=manifest.stride)
         new = replace(manifest, model_sha256=hashlib.sha256(outcome.plan).hexdigest(),
                       build={**build, **outcome.facts, BUILD_GPU: facts.gpu_name,
                              BUILD_CC: facts.compute_capability})
@@ -471,18 +508,30 @@ class TensorRTBackend(Backend):
                                     trt_dtype_name(engine.get_tensor_dtype(name))))
         try:
             check_io(specs, path=self.path, input_name=manifest.input_name,
-                     output_names=manifest.output_names, imgsz=manifest.imgsz)
+                     output_names=manifest.output_names, imgsz=manifest.imgsz,
+                     dynamic_hw=manifest.dynamic_hw)
         except ValueError as exc:
             raise ManifestError(str(exc)) from None
         self._input = next(s for s in specs if s.is_input)
         self._outputs = [s for s in specs if not s.is_input]
         # The primary output (what the postprocessor reads) is the manifest's first name.
         self._primary = manifest.output_names[0]
-        if self._input.shape[0] < 0:
-            shapes = engine.get_tensor_profile_shape(self._input.name, 0)
+        batch_dim = self._input.shape[0]
+        shapes = (engine.get_tensor_profile_shape(self._input.name, 0)
+                  if batch_dim < 0 or manifest.dynamic_hw else None)
+        if batch_dim < 0 and shapes is not None:
             self.profile = profile_from_shapes(*shapes)
         else:
-            self.profile = BatchProfile(self._input.shape[0], self._input.shape[0], self._input.shape[0])
+            self.profile = BatchProfile(batch_dim, batch_dim, batch_dim)
+        if manifest.dynamic_hw and shapes is not None:
+            try:
+                self.hw_profile = hw_profile_from_shapes(*shapes, stride=manifest.stride)
+            except ValueError as exc:
+                raise ManifestError(f"{self.path}: the engine's H x W profile: {exc}") from None
+            if self.hw_profile.max != manifest.imgsz:
+                raise ManifestError(f"{self.path}: the engine's largest input is "
+                                    f"{self.hw_profile.max[0]}x{self.hw_profile.max[1]}, the "
+                                    f"manifest's imgsz is {manifest.imgsz[0]}x{manifest.imgsz[1]}")
         if not (manifest.batch_min >= self.profile.min and manifest.batch_max <= self.profile.max):
             raise ManifestError(f"{self.path}: the engine's batch profile {self.profile.min}-"
                                 f"{self.profile.max} does not cover the manifest's "
@@ -491,7 +540,20 @@ class TensorRTBackend(Backend):
         if self._context is None:
             raise BackendError(f"{self.path.name}: TensorRT could not create an execution context "
                                f"(out of GPU memory?){_errors(self._logger)}")
-        buffers = plan_buffers(specs, self.profile.max)
+        at_max: dict[str, tuple[int, ...]] | None = None
+        if self.hw_profile is not None:
+            # Outputs of an engine that takes any H x W have a dynamic anchor axis: size the
+            # buffers from the shapes TensorRT reports at the largest batch and input.
+            biggest = (self.profile.max, 3, *self.hw_profile.max)
+            if not self._context.set_input_shape(self._input.name, biggest):
+                raise BackendError(f"{self.path.name}: input shape {biggest} refused"
+                                   f"{_errors(self._logger)}")
+            at_max = {s.name: tuple(int(d) for d in self._context.get_tensor_shape(s.name))
+                      for s in specs}
+        try:
+            buffers = plan_buffers(specs, self.profile.max, at_max)
+        except ValueError as exc:
+            raise ManifestError(f"{self.path}: {exc}") from None
         try:
             self._stream = cuda.Stream()
             for _ in range(n_slots):
@@ -504,7 +566,8 @@ class TensorRTBackend(Backend):
                               input_hw=(h, w), input_dtype=in_dtype,
                               batch_min=max(manifest.batch_min, 1), batch_max=manifest.batch_max,
                               output_layout=manifest.output_layout, precision=manifest.precision,
-                              sha256=manifest.model_sha256, source="manifest")
+                              sha256=manifest.model_sha256, source="manifest",
+                              dynamic_hw=manifest.dynamic_hw, stride=manifest.stride)
 
     def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
         cuda = self._cuda
@@ -549,25 +612,47 @@ class TensorRTBackend(Backend):
         cuda = self._cuda
         trt_ctx = self._context
         name_in = self._input.name
+        h, w = int(batch.shape[2]), int(batch.shape[3])
+        if self.hw_profile is not None:
+            run_h, run_w = self.hw_profile.run_hw(h, w)     # check_batch made it valid
+        else:
+            run_h, run_w = h, w
+        shape = (rb.run, 3, run_h, run_w)
+        # The pinned buffer holds the largest input; a smaller one uses its first bytes as
+        # one contiguous (run, 3, H, W) array, which is what TensorRT reads.
+        host_in = _leading(slot.host_in, shape)
         with self._active():
-            np.copyto(slot.host_in[:n], batch, casting="same_kind")
+            if (run_h, run_w) != (h, w):
+                # Below the engine's smallest H x W: grey at the bottom and right, like the
+                # letterbox's own padding.
+                host_in[:n].fill(PAD_VALUE / 255.0)
+            np.copyto(host_in[:n, :, :h, :w], batch, casting="same_kind")
             if rb.pad:
-                slot.host_in[n:rb.run].fill(0)
-            shape = (rb.run, *slot.host_in.shape[1:])
+                host_in[n:rb.run].fill(0)
             if not trt_ctx.set_input_shape(name_in, shape):
+                hw_text = (f", H x W {self.hw_profile.as_dict()}" if self.hw_profile is not None else "")
                 raise BackendError(f"{self.path.name}: input {name_in!r} shape {shape} refused; the "
                                    f"engine's profile is batch {self.profile.min}-{self.profile.max}"
-                                   f"{_errors(self._logger)}")
+                                   f"{hw_text}{_errors(self._logger)}")
+            out_shapes: dict[str, tuple[int, ...]] = {}
             try:
-                cuda.memcpy_htod_async(slot.dev_in, slot.host_in[:rb.run], self._stream)
+                cuda.memcpy_htod_async(slot.dev_in, host_in, self._stream)
                 if not trt_ctx.set_tensor_address(name_in, int(slot.dev_in)):
                     raise BackendError(f"{self.path.name}: input address refused{_errors(self._logger)}")
                 for spec in self._outputs:
                     got = tuple(int(d) for d in trt_ctx.get_tensor_shape(spec.name))
-                    want = resolve_shape(spec.shape, rb.run, name=spec.name)
-                    if got != want:
-                        raise BackendError(f"{self.path.name}: output {spec.name!r} has shape {got} for "
-                                           f"a batch of {rb.run}, expected {want}")
+                    try:
+                        if self.hw_profile is not None:
+                            out_shapes[spec.name] = check_runtime_shape(spec.shape, got, rb.run,
+                                                                        name=spec.name)
+                        else:
+                            want = resolve_shape(spec.shape, rb.run, name=spec.name)
+                            if got != want:
+                                raise ValueError(f"output {spec.name!r} has shape {got} for a batch "
+                                                 f"of {rb.run}, expected {want}")
+                            out_shapes[spec.name] = got
+                    except ValueError as exc:
+                        raise BackendError(f"{self.path.name}: {exc}") from None
                     if not trt_ctx.set_tensor_address(spec.name, int(slot.dev_out[spec.name])):
                         raise BackendError(f"{self.path.name}: output address refused"
                                            f"{_errors(self._logger)}")
@@ -575,8 +660,8 @@ class TensorRTBackend(Backend):
                     raise BackendError(f"{self.path.name}: TensorRT failed to enqueue a batch of "
                                        f"{rb.run}{_errors(self._logger)}")
                 for spec in self._outputs:
-                    cuda.memcpy_dtoh_async(slot.host_out[spec.name][:rb.run], slot.dev_out[spec.name],
-                                           self._stream)
+                    cuda.memcpy_dtoh_async(_leading(slot.host_out[spec.name], out_shapes[spec.name]),
+                                           slot.dev_out[spec.name], self._stream)
                 slot.done.record(self._stream)
             except cuda.Error as exc:
                 raise BackendError(f"{self.path.name}: CUDA error while queuing a batch of {n} "
@@ -584,7 +669,7 @@ class TensorRTBackend(Backend):
         slot.busy = True
         self._ticket += 1
         slot.ticket = self._ticket
-        return InferHandle(index, self._ticket, n, rb.run)
+        return InferHandle(index, self._ticket, n, rb.run, out_shapes[self._primary])
 
     def wait(self, handle: InferHandle) -> np.ndarray:
         """Block until ``handle``'s batch is back; its primary output for the n frames."""
@@ -600,7 +685,7 @@ class TensorRTBackend(Backend):
                                f"({exc})") from None
         slot.busy = False
         # A copy: the pinned buffer belongs to the slot and is rewritten by the next batch.
-        out = np.array(slot.host_out[self._primary][:handle.n], copy=True)
+        out = np.array(_leading(slot.host_out[self._primary], handle.out_shape)[:handle.n], copy=True)
         return out.astype(np.float32, copy=False)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -608,9 +693,12 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         build = self.manifest.build or {}
-        return {"backend": self.name, "model": self.info.describe(),
-                "tensorrt": build.get(BUILD_TENSORRT), "gpu": build.get(BUILD_GPU),
-                "profile": self.profile.as_dict()}
+        facts = {"backend": self.name, "model": self.info.describe(),
+                 "tensorrt": build.get(BUILD_TENSORRT), "gpu": build.get(BUILD_GPU),
+                 "profile": self.profile.as_dict()}
+        if self.hw_profile is not None:
+            facts["hw_profile"] = self.hw_profile.as_dict()
+        return facts
 
     def close(self) -> None:
         if self._closed:

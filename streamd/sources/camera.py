@@ -72,6 +72,7 @@ class CameraStats:
     """Counters this camera's stages update; read by metrics and the stats message."""
 
     decoded: int = 0
+    skipped: int = 0            # decoded but not converted: the scheduler would not take it in time
     dropped_fps_cap: int = 0
     dropped_too_old: int = 0
     inferred: int = 0
@@ -254,6 +255,8 @@ class CameraSource(threading.Thread):
         next_pace = time.monotonic()
         got_frames = False
         bad_in_row = 0
+        frame_interval = 0.0    # smoothed time between two decoded frames
+        last_grab = 0.0
         read_timeout = self.defaults.read_timeout_s
         while not self.stop_event.is_set():
             if pace:
@@ -279,6 +282,10 @@ class CameraSource(threading.Thread):
                 if now - t0 >= 0.8 * read_timeout:
                     return "stalled", f"no frame for {now - t0:.1f}s (stream stalled)", got_frames
                 return "lost", "stream ended or connection dropped", got_frames
+            if last_grab:
+                gap = now - last_grab
+                frame_interval = gap if not frame_interval else 0.9 * frame_interval + 0.1 * gap
+            last_grab = now
             if cap_interval:
                 if now < next_due:
                     self.stats.dropped_fps_cap += 1
@@ -286,6 +293,12 @@ class CameraSource(threading.Thread):
                 # Schedule from the ideal time, not from now, so the average rate holds;
                 # after a gap (first frame, reconnect) start afresh instead of bursting.
                 next_due = next_due + cap_interval if now - next_due < cap_interval else now + cap_interval
+            # Every packet must be decoded (H.264/H.265 frames depend on each other), but a
+            # frame the scheduler will not take before a newer one arrives need not be
+            # converted to BGR and copied: pull it only when its slot will be taken.
+            if got_frames and not self.queue.wants_frame(now, frame_interval):
+                self.stats.skipped += 1
+                continue
             try:
                 ok, image = cap.retrieve()
             except cv2.error:

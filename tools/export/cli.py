@@ -62,11 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT_DIR/NAME.onnx and its manifest OUT_DIR/NAME.onnx.json.",
         epilog="examples:\n"
                "  streamd-export yolov8s.pt --imgsz 640 --batch 1-8\n"
-               "  streamd-export fall.pt --imgsz 384 640 --batch 4 --nms --conf 0.3 --name fall-nms",
+               "  streamd-export fall.pt --imgsz 384 640 --batch 4 --fixed-size --nms --conf 0.3 "
+               "--name fall-nms",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", metavar="MODEL.pt", type=Path, help="Ultralytics YOLOv8 detection checkpoint")
     p.add_argument("--imgsz", nargs="+", metavar="N", default=["640"],
-                   help="network input: N for N x N, or H W (multiples of the stride, 32); default 640")
+                   help="network input: N for N x N, or H W (multiples of the stride, 32); the "
+                        "largest input unless --fixed-size; default 640")
+    p.add_argument("--fixed-size", action="store_true",
+                   help="pin the input to exactly --imgsz (default: any H x W that are multiples "
+                        "of the stride up to --imgsz, so a 16:9 camera runs at 640x384)")
     p.add_argument("--batch", default="1", metavar="N|MIN-MAX",
                    help="N for a static batch of N, MIN-MAX for a dynamic batch axis; default 1")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Ultralytics' choice)")
@@ -104,7 +109,7 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"{flags} {verb} only with --nms (without it, thresholds are set in the "
                      f"streamd config at run time)")
     return ExportRequest(weights=args.weights, imgsz=imgsz, batch_min=bmin, batch_max=bmax,
-                         dynamic_batch=dynamic, opset=args.opset, simplify=args.simplify,
+                         dynamic_batch=dynamic, dynamic_hw=not args.fixed_size, opset=args.opset, simplify=args.simplify,
                          nms=args.nms, out_dir=args.out_dir, name=args.name,
                          precision=args.precision, verbose=args.verbose, **nms_opts,
                          **precision_options(args))
@@ -117,6 +122,8 @@ def _summary(result: ExportResult) -> str:
     names = ", ".join(m.class_names[k] for k in sorted(m.class_names)[:6])
     if len(m.class_names) > 6:
         names += ", …"
+    size = (f"any H x W up to {h} x {w} (multiples of {m.stride})" if m.dynamic_hw
+            else f"{h} x {w}")
     nms = ""
     if m.nms:
         nms = f" (conf {m.nms['conf']}, iou {m.nms['iou']}, max_det {m.nms['max_det']})"
@@ -124,7 +131,7 @@ def _summary(result: ExportResult) -> str:
         f"{PROG}: wrote {result.model_path} ({result.size_bytes / 1e6:.1f} MB) "
         f"and {result.manifest_path.name} in {result.seconds:.1f} s",
         f"  classes: {len(m.class_names)} ({names})",
-        f"  input:   {m.input_name} batch {batch} x 3 x {h} x {w}, {m.precision}, opset {m.opset}",
+        f"  input:   {m.input_name} batch {batch} x 3 x {size}, {m.precision}, opset {m.opset}",
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]
     lines += [f"  note:    {n}" for n in result.notes]

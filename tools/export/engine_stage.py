@@ -9,7 +9,9 @@ The build itself is ``streamd.backends.tensorrt.build_engine`` (shared with the 
 rebuild and ``streamd doctor``); this stage picks its inputs, shows progress, and writes
 ``NAME.engine`` as a plain plan file (readable by trtexec and Triton, no header) with its
 manifest: TensorRT version, GPU and compute capability, precision, batch profile, input
-size, classes, the sha256 of the plan and of the ONNX it was built from.
+size, classes, the sha256 of the plan and of the ONNX it was built from. An ONNX that takes
+any H x W gets an H x W profile too (``streamd.trt_logic.choose_hw_profile``: half of
+``--imgsz`` up to ``--imgsz``), recorded in the manifest's build facts.
 
 This module also holds the command-line options of the FP16/INT8/engine stages, so the
 CLI only has to include them.
@@ -30,6 +32,7 @@ from streamd.trt_logic import (
     BUILD_ONNX_FILE,
     BUILD_ONNX_SHA,
     FORMAT_TENSORRT,
+    choose_hw_profile,
     choose_profile,
 )
 
@@ -105,15 +108,20 @@ def engine_stage(ctx: ExportContext) -> None:
     if gpu is None:
         raise _unavailable(ctx, f"an NVIDIA GPU, and none is usable here ({why})")
     profile = choose_profile(onnx_manifest.batch_min, onnx_manifest.batch_max)
+    hw = (choose_hw_profile(onnx_manifest.imgsz, onnx_manifest.stride)
+          if onnx_manifest.dynamic_hw else None)
+    size = (f"H x W {hw.min[0]}x{hw.min[1]} to {hw.max[0]}x{hw.max[1]}" if hw is not None
+            else f"{onnx_manifest.imgsz[0]}x{onnx_manifest.imgsz[1]}")
     cache = req.timing_cache if req.timing_cache is not None else req.out_dir / TIMING_CACHE_NAME
     progress(f"building a TensorRT {version} {ctx.precision} engine for {gpu.name} "
              f"(compute capability {gpu.compute_capability}), batch {profile.min}-{profile.max}, "
-             f"workspace {req.workspace_mb} MB")
+             f"{size}, workspace {req.workspace_mb} MB")
     try:
         outcome = build_engine(onnx_path, precision=ctx.precision, profile=profile,
                                input_name=onnx_manifest.input_name, imgsz=onnx_manifest.imgsz,
                                workspace_mb=req.workspace_mb, timing_cache=cache,
-                               progress=lambda msg: progress(f"tensorrt: {msg}"))
+                               progress=lambda msg: progress(f"tensorrt: {msg}"),
+                               hw_profile=hw, stride=onnx_manifest.stride)
     except BackendError as exc:
         raise ExportError(f"{onnx_path.name}: engine build failed: {exc}") from None
 

@@ -2,7 +2,10 @@
 
 Calibration images come from a folder (``--calib DIR``) or are grabbed from the cameras of
 a streamd config (``--calib-from CONFIG``), and are letterboxed by streamd's own
-preprocessing, so the activation ranges are measured on exactly what the daemon will feed.
+preprocessing, so the activation ranges are measured on what the daemon will feed. They are
+letterboxed to the full ``--imgsz`` even for a model that takes any H x W: the daemon's
+stride-padded inputs hold the same picture at the same scale, only with less grey padding
+around it.
 
 The quantization is ONNX Runtime's ``quantize_static`` in QDQ format, with the head's
 decode part left in float (quantizing it destroys the detections: scores collapse to 0).
@@ -295,8 +298,8 @@ def quantize_int8(src: Path, dst: Path, samples: np.ndarray, flavour: str, *, in
 
     fl = FLAVOURS[flavour]
     pre = workdir / "int8-preprocessed.onnx"
-    # Symbolic shape inference chokes on the dynamic batch axis; ONNX's own inference is
-    # enough for these graphs (every other axis is concrete).
+    # Symbolic shape inference chokes on the dynamic axes (batch, and H x W by default);
+    # ONNX's own inference is enough for these graphs: the quantizer needs types, not sizes.
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     graph = onnx.load(str(pre), load_external_data=False).graph
     prefix = head_prefix(n.name for n in graph.node)

@@ -1,10 +1,17 @@
 """Stage ``onnx``: the .pt -> ONNX step, done by Ultralytics' own exporter.
 
-Ultralytics' ``dynamic=True`` makes batch, height *and* width dynamic. streamd wants only the
-batch axis dynamic: the manifest promises one input size, and a fixed H x W lets ONNX Runtime
-and TensorRT fold the shape arithmetic of the head. So after the export the input's H and W
-are pinned, stale intermediate shapes are dropped, and the graph is simplified again (or
-re-shape-inferred with ``--no-simplify``) so the output's anchor count becomes concrete too.
+By default the model takes any H x W up to ``--imgsz`` (multiples of the stride): each camera
+is then letterboxed to its own aspect and padded only up to the next multiple of the stride,
+as Ultralytics' default predict does, so a 16:9 camera at 640 runs at 640x384 (40% fewer
+pixels) and gets the boxes Ultralytics itself reports. The output's anchor axis then
+follows the input size and stays symbolic; an in-graph NMS output keeps its fixed
+(max_det, 6) rows, zero-padded at small inputs.
+
+Ultralytics' ``dynamic=True`` makes batch, height *and* width dynamic together. Axes that
+should be fixed (a static batch; H and W with ``--fixed-size``) are pinned after the export,
+stale intermediate shapes are dropped, and the graph is simplified again (or
+re-shape-inferred with ``--no-simplify``) so the output's shape becomes concrete too: a fixed
+size lets ONNX Runtime and TensorRT fold the shape arithmetic of the head.
 """
 
 from __future__ import annotations
@@ -29,14 +36,26 @@ def anchor_count(imgsz: tuple[int, int], strides: tuple[int, ...]) -> int:
 
 
 def expected_output_dims(ctx: ExportContext) -> list[int | None]:
-    """Output shape the manifest promises; None where the axis is the dynamic batch."""
+    """Output shape the manifest promises; None where the axis is dynamic (the batch, and
+    the anchors of a raw head that takes any H x W)."""
     req = ctx.request
     batch: int | None = None if req.dynamic_batch else req.batch_max
     anchors = anchor_count(req.imgsz, ctx.strides)
     if req.nms:
-        # Ultralytics clamps max_det to the anchors available at this input size.
+        # Ultralytics clamps max_det to the anchors available at the export size; smaller
+        # inputs of a dynamic-HW model fill the same rows, zero-padded.
         return [batch, min(req.max_det, anchors), 6]
-    return [batch, 4 + len(ctx.class_names), anchors]
+    return [batch, 4 + len(ctx.class_names), None if req.dynamic_hw else anchors]
+
+
+def expected_input_dims(ctx: ExportContext) -> list[int | None]:
+    """Input shape the manifest promises; None where the axis is dynamic."""
+    req = ctx.request
+    h, w = req.imgsz
+    batch: int | None = None if req.dynamic_batch else req.batch_max
+    if req.dynamic_hw:
+        return [batch, 3, None, None]
+    return [batch, 3, h, w]
 
 
 def check_opset(req_opset: int | None, nms: bool) -> None:
@@ -51,27 +70,32 @@ def check_opset(req_opset: int | None, nms: bool) -> None:
                                f"(the newest this onnx {onnx.__version__} knows)")
 
 
-def _set_dims(value_info: Any, dims: list[int | None], batch_name: str = "batch") -> None:
+# Names of the symbolic axes, as Ultralytics' exporter names them.
+INPUT_AXES = ("batch", None, "height", "width")
+OUTPUT_AXES = ("batch", None, "anchors")
+
+
+def _set_dims(value_info: Any, dims: list[int | None], names: tuple[str | None, ...]) -> None:
     shape = value_info.type.tensor_type.shape
-    for dim, want in zip(shape.dim, dims):
+    for dim, want, name in zip(shape.dim, dims, names):
         if want is None:
-            dim.dim_param = batch_name
+            dim.dim_param = name or "dim"
         else:
             dim.dim_value = want
 
 
-def pin_spatial_dims(path: Path, ctx: ExportContext) -> None:
-    """Make H, W (and the output's non-batch axes) concrete in a dynamic-batch export."""
+def pin_static_dims(path: Path, ctx: ExportContext) -> None:
+    """Make the axes that should be fixed concrete in an export made with ``dynamic=True``:
+    the batch when it is static, H and W (and with them the anchors) with ``--fixed-size``."""
     import onnx
 
     req = ctx.request
-    h, w = req.imgsz
     model = onnx.load(str(path))
-    _set_dims(model.graph.input[0], [None, 3, h, w])
-    # Intermediate shapes were inferred with symbolic H and W; they would now contradict
-    # the pinned input, so drop them and let the simplifier (or shape inference) redo them.
+    _set_dims(model.graph.input[0], expected_input_dims(ctx), INPUT_AXES)
+    # Intermediate shapes were inferred with symbolic axes; they would now contradict the
+    # pinned input, so drop them and let the simplifier (or shape inference) redo them.
     del model.graph.value_info[:]
-    _set_dims(model.graph.output[0], expected_output_dims(ctx))
+    _set_dims(model.graph.output[0], expected_output_dims(ctx), OUTPUT_AXES)
     if req.simplify:
         import onnxslim
         model = onnxslim.slim(model)
@@ -80,7 +104,7 @@ def pin_spatial_dims(path: Path, ctx: ExportContext) -> None:
     onnx.save(model, str(path))
 
 
-@register("onnx", "export the checkpoint to ONNX with Ultralytics and pin the input size")
+@register("onnx", "export the checkpoint to ONNX with Ultralytics and pin its fixed axes")
 def onnx_stage(ctx: ExportContext) -> None:
     import onnx
 
@@ -94,7 +118,7 @@ def onnx_stage(ctx: ExportContext) -> None:
         # The exporter traces with this batch; with --nms it also unrolls the per-image NMS
         # loop this many times, so a dynamic model takes at most batch_max images.
         "batch": req.batch_max,
-        "dynamic": req.dynamic_batch,
+        "dynamic": req.exporter_dynamic,
         "simplify": req.simplify,
         "device": "cpu",
     }
@@ -110,12 +134,15 @@ def onnx_stage(ctx: ExportContext) -> None:
             raise ExportError(f"{req.weights}: ONNX export failed ({type(exc).__name__}: {reason})") from None
         if not produced.is_file():
             raise ExportError(f"{req.weights}: the ONNX exporter reported {produced.name} but wrote no file")
-        if req.dynamic_batch:
+        # With both the batch and H x W dynamic, Ultralytics' graph is already what the
+        # manifest promises; otherwise some of its dynamic axes must be pinned.
+        if req.exporter_dynamic and not (req.dynamic_batch and req.dynamic_hw):
+            fixed = "the batch" if req.dynamic_hw else "the input size"
             try:
-                pin_spatial_dims(produced, ctx)
+                pin_static_dims(produced, ctx)
             except Exception as exc:
-                raise ExportError(f"{req.weights}: fixing the input size of the dynamic-batch ONNX "
-                                  f"model failed ({type(exc).__name__}: {clean_message(exc)})") from None
+                raise ExportError(f"{req.weights}: fixing {fixed} of the dynamic ONNX model failed "
+                                  f"({type(exc).__name__}: {clean_message(exc)})") from None
 
     graph = onnx.load(str(produced), load_external_data=False)
     ctx.model_path = produced

@@ -2,7 +2,8 @@
 
 The manifest is built from what the earlier stages found, and ``verify`` loads the model in
 ONNX Runtime and holds it to that manifest (input name and shape, output names and shape,
-one real run) *before* ``install`` copies anything into the output folder.
+a real run; for a model that takes any H x W, a second run at a smaller, non-square size)
+*before* ``install`` copies anything into the output folder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import streamd
 from streamd.errors import ExportError
 from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, sha256_file
 
-from .onnx_stage import expected_output_dims
+from .onnx_stage import anchor_count, expected_input_dims, expected_output_dims
 from .stages import ExportContext, ExportInputError, register
 
 _TOOL_DISTS = ("ultralytics", "torch", "onnx", "onnxruntime", "onnxslim")
@@ -60,6 +61,7 @@ def manifest_stage(ctx: ExportContext) -> None:
         batch_max=req.batch_max,
         output_layout=LAYOUT_END2END if req.nms else LAYOUT_RAW,
         stride=ctx.stride,
+        dynamic_hw=req.dynamic_hw,
         precision=ctx.precision,
         input_name=ctx.input_name,
         input_dtype="float32",
@@ -104,8 +106,7 @@ def verify_stage(ctx: ExportContext) -> None:
         raise fail(f"expected one input, found {len(inputs)}")
     inp = inputs[0]
     h, w = m.imgsz
-    dynamic = ctx.request.dynamic_batch
-    want_in: list[int | None] = [None if dynamic else m.batch_max, 3, h, w]
+    want_in = expected_input_dims(ctx)
     if inp.name != m.input_name or _declared(list(inp.shape)) != want_in or inp.type != "tensor(float)":
         raise fail(f"input is {inp.name} {inp.shape} {inp.type}, the manifest says "
                    f"{m.input_name} {want_in} tensor(float)")
@@ -118,18 +119,38 @@ def verify_stage(ctx: ExportContext) -> None:
         raise fail(f"output {names[0]} is declared {outputs[0].shape}, expected {want_out}")
 
     n = m.batch_min
-    # A fixed pseudo-image rather than zeros: it exercises the score and NMS paths too.
-    x = np.random.default_rng(0).random((n, 3, h, w), dtype=np.float32)
-    try:
-        y = sess.run([names[0]], {inp.name: x})[0]
-    except Exception as exc:
-        raise fail(f"a run on a batch of {n} failed ({str(exc).strip().splitlines()[0][:300]})") from None
-    got = list(y.shape)
-    want = [n, *want_out[1:]]
-    if got != want:
-        raise fail(f"a batch of {n} gave output shape {got}, expected {want}")
-    if not np.isfinite(y).all():
-        raise fail("the output holds NaN or infinite values")
+    sizes = [(h, w)]
+    if m.dynamic_hw:
+        # A model that takes any H x W must really do so: also run it at a smaller size of
+        # another aspect, as a 16:9 camera would feed it.
+        sizes.append(verify_size((h, w), m.stride))
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        # A fixed pseudo-image rather than zeros: it exercises the score and NMS paths too.
+        x = rng.random((n, 3, *size), dtype=np.float32)
+        try:
+            y = sess.run([names[0]], {inp.name: x})[0]
+        except Exception as exc:
+            raise fail(f"a run on a batch of {n} at {size[0]}x{size[1]} failed "
+                       f"({str(exc).strip().splitlines()[0][:300]})") from None
+        got = list(y.shape)
+        want = [n, *want_out[1:]]
+        if want[-1] is None:
+            want[-1] = anchor_count(size, ctx.strides)
+        if got != want:
+            raise fail(f"a batch of {n} at {size[0]}x{size[1]} gave output shape {got}, expected {want}")
+        if not np.isfinite(y).all():
+            raise fail(f"the output at {size[0]}x{size[1]} holds NaN or infinite values")
+
+
+def verify_size(imgsz: tuple[int, int], stride: int) -> tuple[int, int]:
+    """A second input size for a model that takes any H x W: the height kept, the width cut
+    to about 9/16 of it (a portrait 16:9 picture), rounded up to the stride."""
+    h, w = imgsz
+    small_w = max(stride, -(-(w * 9 // 16) // stride) * stride)
+    if small_w == w:             # too narrow to cut: make it shorter instead
+        return (max(stride, h - stride), w) if h > stride else (h, w)
+    return (h, small_w)
 
 
 @register("install", "copy the model into the output folder and write its manifest")

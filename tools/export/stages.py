@@ -50,6 +50,9 @@ class ExportRequest:
     batch_min: int = 1
     batch_max: int = 1
     dynamic_batch: bool = False
+    # Any H x W that are multiples of the stride up to imgsz (``--fixed-size`` turns it off):
+    # each camera is then inferred at its own aspect, as Ultralytics' default predict does.
+    dynamic_hw: bool = True
     opset: int | None = None
     simplify: bool = True
     nms: bool = False
@@ -104,6 +107,12 @@ class ExportRequest:
 
     def describe_batch(self) -> str:
         return f"{self.batch_min}-{self.batch_max}" if self.dynamic_batch else str(self.batch_max)
+
+    @property
+    def exporter_dynamic(self) -> bool:
+        """Whether Ultralytics' exporter is asked for ``dynamic=True``. It makes batch, H
+        and W dynamic together; the onnx stage then pins the axes that should be fixed."""
+        return self.dynamic_batch or self.dynamic_hw
 
 
 INT8_FLAVOURS = ("tensorrt", "cpu")
