@@ -293,3 +293,26 @@ def test_configured_workers_are_not_measured_against_others(yolov8n_onnx_320: Pa
         assert pool.layout == Layout(3, 1) and len(pool.backends) == 3 and not pool.measured
     finally:
         pool.close()
+
+
+@pytest.mark.slow
+def test_no_detection_is_published_older_than_the_bound_under_overload(fall_onnx_320: Path, test_media,
+                                                                     daemon_factory, collector_factory) -> None:
+    """Four cameras offering more than the model takes, at the daemon's defaults but for a
+    tight bound: the bound holds at publish time, and every worker of the pool is used."""
+    from tests.test_daemon import base_config
+    cams = [{"id": f"c{i}", "url": str(test_media["bus"].mp4), "loop": True} for i in range(4)]
+    cfg = base_config(fall_onnx_320, cams)
+    cfg["scheduler"] = {"max_frame_age_ms": 700, "workers": 2}
+    cfg["publisher"]["stats_interval_s"] = 0.5
+    d = daemon_factory(cfg)
+    c = collector_factory(cfg["publisher"]["endpoint"], [b"cam/", b"sys/stats"])
+    wait_until(lambda: len(c.of("detections")) >= 40, 90, what="40 detection messages")
+    wait_until(lambda: any(set(m["scheduler"]["worker_batches"]) == {"0", "1"} for m in c.of("stats")), 30,
+               what="a stats message showing both workers used")
+    bound = c.of("stats")[-1]["scheduler"]["max_frame_age_ms"] / 1000
+    ages = [m["publish_ts"] - m["capture_ts"] for m in c.of("detections")]
+    # A little slack for the hand-over from the post thread to the PUB socket's thread.
+    assert max(ages) <= bound + 0.2, (max(ages), bound)
+    assert c.of("stats")[-1]["scheduler"]["workers"] == 2
+    assert d.stop() == 0
