@@ -1,11 +1,13 @@
 # Everything a fresh machine needs goes through these targets.
 #   make demo   - fetch a real model, export it, run the daemon on 3 local RTSP cameras
 #   make test   - the whole test suite
-#   make bench  - backend alone vs the whole daemon (prints numbers; see benchmarks/)
+#   make bench  - throughput and freshness: raw ONNX Runtime vs streamd vs Ultralytics
+#                 (BENCH_ARGS="--sizes 320 --cameras 4" to narrow it, "--record" to keep it)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+BENCH_ARGS ?=
 
 .PHONY: setup system venv demo test bench clean
 
@@ -29,7 +31,7 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -38,6 +38,7 @@ log = logging.getLogger("streamd.scheduler")
 
 _POLL_S = 0.1          # every wait in these threads wakes at least this often to see its stop Event
 _MAX_SHAPES = 8        # letterbox buffers kept per worker (one per input shape in use)
+_HANDOVER_S = 0.01     # kept from the age bound for the publisher's thread to send
 
 Shape = tuple[int, int]   # (net_h, net_w)
 
@@ -77,22 +78,29 @@ ResultSink = Callable[[list[FrameResult], list[Frame]], None]   # results and th
 
 
 class InferenceTime:
-    """Predicts a batch's inference time as ``k * images * pixels`` with ``k`` smoothed over
-    the batches seen. Linear in the batch size, which is right on a CPU and errs on the
-    long side on a GPU (where bigger batches cost less per image): the age budget it feeds
-    then closes batches a little early, never late."""
+    """Predicts a batch's inference time as ``k * images * pixels``, with ``k`` smoothed over
+    the batches seen plus twice its smoothed deviation (the way TCP sizes its retransmit
+    timer), so the prediction is one a batch rarely exceeds: a batch that runs longer than
+    predicted finishes past the age bound and its frames are inferred for nothing. Linear
+    in the batch size, which is right on a CPU and errs on the long side on a GPU (where
+    bigger batches cost less per image): batches then close a little early, never late."""
 
     def __init__(self, seconds_per_image: float | None = None, pixels: int = 0) -> None:
         self._k = seconds_per_image / pixels if seconds_per_image and pixels else 0.0
+        self._dev = 0.25 * self._k          # until measured: a quarter either way
         self._lock = threading.Lock()
 
     def estimate(self, n: int, shape: Shape) -> float:
-        return self._k * n * shape[0] * shape[1]
+        return (self._k + 2.0 * self._dev) * n * shape[0] * shape[1]
 
     def observe(self, n: int, shape: Shape, seconds: float) -> None:
         k = seconds / max(1, n * shape[0] * shape[1])
         with self._lock:
-            self._k = k if not self._k else 0.8 * self._k + 0.2 * k
+            if not self._k:
+                self._k, self._dev = k, 0.25 * k
+            else:
+                self._dev = 0.75 * self._dev + 0.25 * abs(k - self._k)
+                self._k = 0.875 * self._k + 0.125 * k
 
 
 @dataclass
@@ -156,8 +164,8 @@ class Pipeline:
         self._rr_next = 0
         self._tickets = itertools.count()
         self._share_req = self._share_cam = 0.0   # recent slots of contended batches, by side
-        self._dynamic_hw = bool(getattr(info, "dynamic_hw", False))
-        self._stride = int(getattr(info, "stride", 32))
+        self._dynamic_hw = info.dynamic_hw
+        self._stride = info.stride
         h, w = info.input_hw
         self.timing = InferenceTime(self.pool.seconds_per_image, h * w)
         self._post_s = 0.0                   # smoothed postprocess time of one batch
@@ -491,7 +499,10 @@ class Pipeline:
         t1 = time.monotonic()
         self.stats.post_s_total += t1 - t0
         self._post_s = (t1 - t0) if not self._post_s else 0.8 * self._post_s + 0.2 * (t1 - t0)
-        bound = self.age_bound_s()
+        # Judged as the results leave for the publisher, with a few ms kept for its thread
+        # to put them on the wire.
+        bound = self.age_bound_s() - _HANDOVER_S
+        now = time.monotonic()
         results, frames = [], []
         for frame, d in zip(batch.frames, dets):
             w, h = frame.size
@@ -499,7 +510,7 @@ class Pipeline:
                 self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
                 # The bound holds end to end: a frame the estimate let through but that is
                 # too old by now is not published as if it were fresh.
-                if t1 - frame.capture_mono > bound:
+                if now - frame.capture_mono > bound:
                     self.stats.too_old_at_publish += 1
                     self.on_frame_dropped(frame.camera_id, "too_old")
                     continue

@@ -90,6 +90,8 @@ def measure(backends: list[Backend], seconds: float, min_runs: int = 3) -> float
                for i, b in enumerate(backends)]
     for t in threads:
         t.start()
+    # The end is set before the barrier lets the runners go, so none can see it unset.
+    stop_at[0] = time.monotonic() + seconds + 60.0
     start.wait()
     t0 = time.monotonic()
     stop_at[0] = t0 + seconds
