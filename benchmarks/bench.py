@@ -485,7 +485,10 @@ def _window_stats(stats: list[tuple[float, dict[str, Any]]], t_begin: float,
             return sum(sum(c.get("dropped", {}).values()) for c in cams)
         return sum(c.get(key, 0) for c in cams)
 
-    decoded = (total(last, "decoded") - total(first, "decoded")) / span if span > 0 else None
+    # Frames the decoders delivered: converted and queued, or skipped by pacing (decoded
+    # but not converted because a newer one would be taken first).
+    delivered = total(last, "decoded") + total(last, "skipped") - total(first, "decoded") - total(first, "skipped")
+    decoded = delivered / span if span > 0 else None
     dropped = total(last, "dropped") - total(first, "dropped")
     return infer, f"over {span:.0f} s", mean_batch, decoded, dropped
 
