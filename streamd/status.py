@@ -17,7 +17,8 @@ from . import protocol
 
 _COLUMNS = (
     # (header, right-aligned)
-    ("CAMERA", False), ("STATE", False), ("DECODED", True), ("INFERRED", True), ("PUBLISHED", True),
+    ("CAMERA", False), ("STATE", False), ("DECODED", True), ("SKIPPED", True), ("INFERRED", True),
+    ("PUBLISHED", True),
     ("DROPS q/old/cap", True), ("RECONN", True), ("QUEUE", True), ("RESOLUTION", False),
 )
 
@@ -47,7 +48,7 @@ def _camera_row(cid: str, c: Mapping[str, Any]) -> list[str]:
     d = c.get("dropped") or {}
     w, h = c.get("width"), c.get("height")
     res = f"{w}x{h}" if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 else "-"
-    return [cid, str(c.get("state", "-")), _int(c.get("decoded")), _int(c.get("inferred")),
+    return [cid, str(c.get("state", "-")), _int(c.get("decoded")), _int(c.get("skipped")), _int(c.get("inferred")),
             _int(c.get("published")),
             "/".join(_int(d.get(k)) for k in ("queue_full", "too_old", "fps_cap")),
             _int(c.get("reconnects")), _int(c.get("queue_depth")), res]
@@ -83,6 +84,12 @@ def format_status(stats_body: Mapping[str, Any]) -> str:
     lines.append(f"uptime {format_uptime(stats_body.get('uptime_s'))}   batches {_int(batches)}"
                  f"   mean batch {mean_batch}   inference {infer_s}/batch"
                  f"   publisher sent {_int(p.get('sent'))} dropped {_int(p.get('dropped'))}")
+    workers, threads, bound = sched.get("workers"), sched.get("threads_per_worker"), sched.get("max_frame_age_ms")
+    if isinstance(workers, int):
+        per = sched.get("worker_batches") or {}
+        lines.append(f"workers {workers} x {_int(threads) if threads else 'auto'} thread(s)"
+                     f"   batches per worker {'/'.join(_int(per.get(str(i))) for i in range(workers))}"
+                     f"   age bound {f'{bound:.0f} ms' if isinstance(bound, (int, float)) else '-'}")
     return "\n".join(lines)
 
 

@@ -252,14 +252,16 @@ def test_concurrent_updates_are_not_lost() -> None:
 
 # ---- the daemon's stats dict ----------------------------------------------------------------------------
 def camera_stats(state: str = "streaming", n: int = 100) -> dict[str, Any]:
-    return {"state": state, "decoded": n, "inferred": n - 5, "published": n - 6,
+    return {"state": state, "decoded": n, "skipped": 2 * n, "inferred": n - 5, "published": n - 6,
             "dropped": {"queue_full": 3, "too_old": 2, "fps_cap": 40}, "reconnects": 1, "decode_errors": 0,
             "queue_depth": 2, "width": 1920, "height": 1080}
 
 
 def daemon_stats(cameras: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"uptime_s": 3723.4, "cameras": cameras,
-            "scheduler": {"batches": 40, "frames": 118, "batch_sizes": {"2": 2, "3": 38}, "infer_ms_mean": 38.25},
+            "scheduler": {"batches": 40, "frames": 118, "batch_sizes": {"2": 2, "3": 38}, "infer_ms_mean": 38.25,
+                          "workers": 2, "threads_per_worker": 1, "worker_batches": {"0": 21, "1": 19},
+                          "max_frame_age_ms": 1000.0},
             "publisher": {"sent": 130, "dropped": 1}}
 
 
@@ -272,6 +274,8 @@ def test_daemon_collector_follows_cameras_between_scrapes() -> None:
     assert series(fams, "streamd_camera_frames_decoded_total") == {(("camera", "door"),): 100,
                                                                    (("camera", "yard"),): 7}
     assert fams["streamd_camera_frames_decoded_total"]["type"] == "counter"
+    assert series(fams, "streamd_camera_frames_skipped_total") == {(("camera", "door"),): 200,
+                                                                   (("camera", "yard"),): 14}
     assert series(fams, "streamd_camera_frames_inferred_total")[(("camera", "door"),)] == 95
     assert series(fams, "streamd_camera_frames_published_total")[(("camera", "door"),)] == 94
     assert series(fams, "streamd_camera_frames_dropped_total")[(("camera", "door"), ("cause", "fps_cap"))] == 40
@@ -532,15 +536,17 @@ def test_format_status_table() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("streamd 3f9c2a71b0de") and "(seq 42)" in lines[0]
     header, door, yard = lines[1], lines[2], lines[3]
-    assert header.split()[:5] == ["CAMERA", "STATE", "DECODED", "INFERRED", "PUBLISHED"]
-    assert door.split() == ["door", "streaming", "100", "95", "94", "3/2/40", "1", "2", "1920x1080"]
-    assert yard.split() == ["yard", "reconnecting", "6", "1", "0", "3/2/40", "12", "2", "-"]
+    assert header.split()[:6] == ["CAMERA", "STATE", "DECODED", "SKIPPED", "INFERRED", "PUBLISHED"]
+    assert door.split() == ["door", "streaming", "100", "200", "95", "94", "3/2/40", "1", "2", "1920x1080"]
+    assert yard.split() == ["yard", "reconnecting", "6", "12", "1", "0", "3/2/40", "12", "2", "-"]
     # Fixed width: every column starts at the same offset on every row.
     col = header.index("DECODED")
     end = col + len("DECODED")
     assert door[end - 3:end] == "100" and yard[end - 1] == "6"    # numbers right-aligned under their header
     assert door.index("1920x1080") == yard.index("-", header.index("RESOLUTION")) == header.index("RESOLUTION")
-    footer = lines[-1]
+    footer, pool = lines[-2], lines[-1]
+    assert pool.split() == ["workers", "2", "x", "1", "thread(s)", "batches", "per", "worker", "21/19",
+                            "age", "bound", "1000", "ms"]
     assert "uptime 1h 02m 03s" in footer and "batches 40" in footer and "mean batch 2.95" in footer
     assert "inference 38.2 ms/batch" in footer and "publisher sent 130 dropped 1" in footer
 
@@ -549,7 +555,7 @@ def test_format_status_tolerates_sparse_bodies() -> None:
     text = format_status({"cameras": {"x": {"state": "starting"}}, "scheduler": {"batches": 0, "frames": 0,
                                                                                  "infer_ms_mean": None}})
     assert "(no cameras)" not in text
-    assert text.splitlines()[1].split() == ["x", "starting", "-", "-", "-", "-/-/-", "-", "-", "-"]
+    assert text.splitlines()[1].split() == ["x", "starting", "-", "-", "-", "-", "-/-/-", "-", "-", "-"]
     assert "mean batch -" in text and "inference -/batch" in text and "uptime -" in text
     assert "(no cameras)" in format_status({})
     assert [format_uptime(s) for s in (5, 65, 3600, 90061, None)] == ["5s", "1m 05s", "1h 00m 00s",
