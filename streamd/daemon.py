@@ -102,7 +102,8 @@ class Daemon:
         self.request_server: RequestServer | None = None
         try:
             params = postprocess_params(cfg, self.backend.info.names)
-            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats)
+            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
+                                       on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
             if cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.queues.ready, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params,
@@ -152,7 +153,7 @@ class Daemon:
                 snaps = snaps or [None] * len(results)
                 snaps[i] = buf.tobytes()
                 self._last_snapshot[r.camera_id] = r.capture_mono
-        self.publisher.publish_results(results, snaps)
+        self.publisher.publish_results(results, snaps, max_age_s=self.pipeline.age_bound_s())
         self.pipeline_metrics.observe_results(results)
 
     def _wants_snapshot(self, src: CameraSource, r: FrameResult) -> bool:
@@ -401,7 +402,8 @@ class Daemon:
                           "threads_per_worker": self.backend.layout.threads,
                           "worker_batches": {str(k): v for k, v in sorted(st.worker_batches.items())},
                           "max_frame_age_ms": round(1000 * pipeline.age_bound_s(), 1)},
-            "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped},
+            "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped,
+                          "stale": self.publisher.stale},
             "reloads": dict(self.reloads),
             **({"requests": {"queued": len(self.request_server.queue),
                              **self.request_server.metrics.outcome_counts()}}

@@ -10,6 +10,7 @@ reads as a restart, not as a gap. An idle publisher sends heartbeats.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -41,7 +42,8 @@ def endpoint_is_loopback(endpoint: str) -> bool:
 
 class Publisher(threading.Thread):
     def __init__(self, cfg: PublisherConfig, context: zmq.Context | None = None,
-                 stats_provider: Callable[[], dict[str, Any]] | None = None) -> None:
+                 stats_provider: Callable[[], dict[str, Any]] | None = None,
+                 on_stale: Callable[[str], None] | None = None) -> None:
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
         self.publisher_id = uuid.uuid4().hex[:12]
@@ -49,7 +51,10 @@ class Publisher(threading.Thread):
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self._ctx = context or zmq.Context.instance()
-        self._queue: queue.Queue[tuple[bytes, dict[str, Any], bytes | None]] = queue.Queue(cfg.queue_size)
+        # (topic, body, attachment, deadline): a detections message carries the monotonic
+        # time after which it is too old to send (the age bound, judged at the socket).
+        self._queue: queue.Queue[tuple[bytes, dict[str, Any], bytes | None, float]] = queue.Queue(cfg.queue_size)
+        self._on_stale = on_stale or (lambda camera_id: None)
         self._seq = 0
         self._cam_seq: dict[str, int] = {}
         self._stats_provider = stats_provider
@@ -57,6 +62,7 @@ class Publisher(threading.Thread):
         self.sent = 0
         self.sent_detections: dict[str, int] = {}   # camera id -> detection messages sent
         self.dropped = 0            # lost before the socket (queue full)
+        self.stale = 0              # detections not sent: older than the age bound at the socket
         self.bound_endpoint = ""
         self._sock: zmq.Socket | None = None
         self._bind()
@@ -121,17 +127,20 @@ class Publisher(threading.Thread):
             self._own_ctx = None
 
     # ---- called from any thread ----------------------------------------------------------
-    def _enqueue(self, topic: bytes, body: dict[str, Any], attachment: bytes | None = None) -> bool:
+    def _enqueue(self, topic: bytes, body: dict[str, Any], attachment: bytes | None = None,
+                 deadline: float = math.inf) -> bool:
         try:
-            self._queue.put_nowait((topic, body, attachment))
+            self._queue.put_nowait((topic, body, attachment, deadline))
             return True
         except queue.Full:
             self.dropped += 1
             return False
 
-    def publish_results(self, results: list[FrameResult], snapshots: list[bytes | None] | None = None) -> None:
+    def publish_results(self, results: list[FrameResult], snapshots: list[bytes | None] | None = None,
+                        max_age_s: float | None = None) -> None:
         """One detections message per result; ``snapshots[i]`` (JPEG bytes) rides along as
-        a third message part when given."""
+        a third message part when given. With ``max_age_s``, a message whose frame is older
+        than that when its turn at the socket comes is not sent (``on_stale`` is told)."""
         for i, r in enumerate(results):
             jpeg = snapshots[i] if snapshots else None
             body: dict[str, Any] = {
@@ -149,7 +158,8 @@ class Publisher(threading.Thread):
             }
             if jpeg is not None:
                 body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(jpeg)}
-            self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg)
+            deadline = r.capture_mono + max_age_s if max_age_s is not None else math.inf
+            self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg, deadline)
 
     def publish_request_result(self, client_id: str, body: dict[str, Any]) -> None:
         self._enqueue(f"req/{client_id}/result".encode(), body)
@@ -176,8 +186,13 @@ class Publisher(threading.Thread):
                     item = None
                 now = time.monotonic()
                 if item is not None:
-                    self._send(sock, *item)
-                    last_sent = now
+                    topic, body, attachment, deadline = item
+                    if now > deadline:
+                        self.stale += 1
+                        self._on_stale(body.get("camera", ""))
+                    else:
+                        self._send(sock, topic, body, attachment)
+                        last_sent = now
                 elif self.stop_event.is_set():
                     break   # drained: everything accepted before stop went out
                 if now - last_sent >= self.cfg.heartbeat_s:

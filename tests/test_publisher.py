@@ -160,3 +160,26 @@ def test_format_line_covers_all_types() -> None:
                                                                     "state": "lost", "previous": "streaming",
                                                                     "reason": "r"})
     assert "heartbeat" in format_line("sys/heartbeat", {**base, "type": "heartbeat", "host": "h", "pid": 1})
+
+
+def test_a_detection_older_than_the_bound_at_the_socket_is_not_sent() -> None:
+    """The age bound is judged once more at the socket: a message whose frame aged past it
+    while waiting for the publisher's thread is counted as stale, not sent as fresh."""
+    stale: list[str] = []
+    cfg = PublisherConfig(endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", heartbeat_s=0.2)
+    pub = Publisher(cfg, on_stale=stale.append)
+    pub.start()
+    sub = Collector(pub.bound_endpoint)
+    try:
+        wait_until(lambda: sub.of("heartbeat"), 10, what="first heartbeat")
+        old = make_result("a", 1)
+        old = FrameResult(old.camera_id, 1, old.capture_ts - 5, old.capture_mono - 5, 640, 480, old.detections)
+        pub.publish_results([old, make_result("a", 2)], max_age_s=2.0)
+        wait_until(lambda: sub.of("detections"), 10, what="the fresh detection")
+        wait_until(lambda: stale, 10, what="the stale one to be counted")
+    finally:
+        pub.stop()
+        pub.join(5)
+        sub.close()
+    assert [m["frame"] for m in sub.of("detections")] == [2]
+    assert stale == ["a"] and pub.stale == 1
