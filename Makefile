@@ -28,6 +28,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 bench: setup

@@ -58,8 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from streamd import protocol  # noqa: E402
+from streamd.client.subscriber import subscribe  # noqa: E402
 from streamd.config import SchedulerConfig  # noqa: E402
-from streamd.subscriber import subscribe  # noqa: E402
 
 ENGINES = REPO / "engines"
 CACHE = REPO / ".cache"

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+# load_yaml, validate_model and parse_model are part of this module's interface too: the
+# loading itself lives in config_loader, shared with the alert rules.
+from .config_loader import (ModelT, StrictModel, line_for, load_yaml, parse_model,  # noqa: F401
+                            validate_model, validation_error)
 from .errors import ConfigError
 from .redact import redact_url, register_secret, register_url
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$")
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
 
 
@@ -29,11 +31,7 @@ def check_endpoint(v: str) -> str:
     return v
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     path: Path = Field(description="Model file (.onnx; .engine with the TensorRT backend). "
                                    "Relative paths are relative to the config file.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -49,7 +47,7 @@ class ModelConfig(_Strict):
                                                     "TensorRT/GPU from the ONNX its manifest records")
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictModel):
     max_batch: int = Field(8, ge=1, le=256, description="capped by the model's own max batch")
     max_wait_ms: float = Field(0, ge=0, le=10000, description="how long a free worker waits for more frames "
                                "to join a batch it could already run (0: runs at once; 5-20 on a GPU, where "
@@ -72,14 +70,14 @@ class SchedulerConfig(_Strict):
         return v
 
 
-class CurveConfig(_Strict):
+class CurveConfig(StrictModel):
     server_secret_key: Path = Field(description="this publisher's NAME.key_secret (streamd keys generate); "
                                                 "relative paths are relative to the config file")
     allowed_clients_dir: Path = Field(description="folder of the public keys (*.key) of the clients "
                                                   "allowed to subscribe; relative to the config file")
 
 
-class PublisherConfig(_Strict):
+class PublisherConfig(StrictModel):
     endpoint: str = "tcp://127.0.0.1:5555"
     name: str | None = Field(None, description="sent as 'origin' in every message (default: the host name)")
     curve: CurveConfig | None = Field(None, description="encrypt and admit only listed subscriber keys")
@@ -102,7 +100,7 @@ class PublisherConfig(_Strict):
         return v
 
 
-class SourceDefaults(_Strict):
+class SourceDefaults(StrictModel):
     open_timeout_s: float = Field(10, gt=0, le=120)
     read_timeout_s: float = Field(5, gt=0, le=120)
     stall_timeout_s: float = Field(10, gt=0, le=600, description="no frame this long -> stalled")
@@ -112,7 +110,7 @@ class SourceDefaults(_Strict):
                                  "One each scales best to many cameras on a small box.")
 
 
-class CameraConfig(_Strict):
+class CameraConfig(StrictModel):
     id: str
     url: str = Field(description="rtsp://, rtsps://, http(s)://, file path or file://, usb:N or /dev/videoN")
     username: str | None = None
@@ -186,7 +184,7 @@ class CameraConfig(_Strict):
         return redact_url(self.url)
 
 
-class RequestsConfig(_Strict):
+class RequestsConfig(StrictModel):
     enabled: bool = Field(False, description="serve on-demand image requests on a ZeroMQ ROUTER socket")
     endpoint: str = "tcp://127.0.0.1:5556"
     queue_size: int = Field(32, ge=1, le=10000, description="accepted requests waiting; beyond: 'busy'")
@@ -201,17 +199,17 @@ class RequestsConfig(_Strict):
         return check_endpoint(v)
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(StrictModel):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Prometheus endpoint address; loopback by default")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
 
 
-class LogConfig(_Strict):
+class LogConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Config(_Strict):
+class Config(StrictModel):
     model: ModelConfig
     scheduler: SchedulerConfig = SchedulerConfig()
     publisher: PublisherConfig = PublisherConfig()
@@ -228,69 +226,6 @@ class Config(_Strict):
         raise KeyError(cam_id)
 
 
-# ---- YAML with line numbers ----------------------------------------------------------------
-
-def _node_to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
-                    source: str) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
-                else key_node.value
-            if key in out:
-                raise ConfigError(f"key '{key}' appears twice", source=source,
-                                  field=_dotted(path + (key,)), line=key_node.start_mark.line + 1)
-            out[key] = _node_to_python(value_node, path + (key,), lines, source)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_to_python(n, path + (i,), lines, source) for i, n in enumerate(node.value)]
-    # Scalars: let the safe constructor give them their YAML type (int, float, bool, null).
-    return yaml.SafeLoader.construct_object(_ScalarLoader(), node)  # type: ignore[arg-type]
-
-
-class _ScalarLoader(yaml.SafeLoader):
-    def __init__(self) -> None:  # no stream: only used to construct single scalar nodes
-        yaml.SafeLoader.__init__(self, "")
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
-    while path:
-        if path in lines:
-            return lines[path]
-        path = path[:-1]
-    return lines.get(())
-
-
-def _expand_env(value: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], source: str,
-                env: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand_env(v, path + (k,), lines, source, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, path + (i,), lines, source, env) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m.group(1)
-        if name not in env:
-            raise ConfigError(f"environment variable {name} is not set", source=source,
-                              field=_dotted(path), line=_line_for(path, lines))
-        return env[name]
-
-    return _ENV_REF.sub(sub, value)
-
-
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
                  env: dict[str, str] | None = None, check_files: bool = True) -> Config:
     """Parse and validate config text. Raises ``ConfigError`` naming field and line."""
@@ -298,12 +233,12 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc, lines, source) from None
+        raise validation_error(exc, lines, source) from None
     seen: dict[str, int] = {}
     for i, cam in enumerate(cfg.cameras):
         if cam.id in seen:
             raise ConfigError(f"duplicate camera id '{cam.id}' (first used by cameras[{seen[cam.id]}])",
-                              source=source, field=f"cameras[{i}].id", line=_line_for(("cameras", i, "id"), lines))
+                              source=source, field=f"cameras[{i}].id", line=line_for(("cameras", i, "id"), lines))
         seen[cam.id] = i
 
     # Relative model paths follow the config file, so a service's cwd doesn't matter.
@@ -313,7 +248,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path})})
     if check_files and not cfg.model.path.is_file():
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
-                          line=_line_for(("model", "path"), lines))
+                          line=line_for(("model", "path"), lines))
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and check_files and cam.enabled:
@@ -323,7 +258,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
                 p = base_dir / p
             if not p.exists():
                 raise ConfigError(f"video file not found: {p}", source=source,
-                                  field=f"cameras[{i}].url", line=_line_for(("cameras", i, "url"), lines))
+                                  field=f"cameras[{i}].url", line=line_for(("cameras", i, "url"), lines))
             cfg.cameras[i] = cam.model_copy(update={"url": str(p)})
     for cam in cfg.cameras:
         register_url(cam.url)
@@ -353,39 +288,8 @@ def _resolve_curve_keys(cfg: Config, source: str, base_dir: Path | None,
                 load(getattr(curve, name))
             except KeyFileError as exc:
                 raise ConfigError(str(exc), source=source, field=f"publisher.curve.{name}",
-                                  line=_line_for(("publisher", "curve", name), lines)) from None
+                                  line=line_for(("publisher", "curve", name), lines)) from None
     return cfg
-
-
-def _validation_error(exc: ValidationError, lines: dict[tuple[Any, ...], int], source: str,
-                      field_name: Callable[[tuple[Any, ...]], str] = _dotted) -> ConfigError:
-    problems = []
-    first: tuple[str, int | None] | None = None
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        # pydantic puts union member names in loc ("int", "str"): drop them from the path.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "float", "bool")
-                                            and p not in ("id",)))
-        field = field_name(loc)
-        line = _line_for(loc, lines)
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and indentation)"
-        elif err["type"] == "missing":
-            msg = "is required"
-        else:
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            if "input" in err and not isinstance(err["input"], (dict, list)) and "url" not in loc \
-                    and "password" not in loc and "username" not in loc:
-                msg += f" (got {err['input']!r})"
-        problems.append(f"{source}:{line}: {field}: {msg}" if line else f"{source}: {field}: {msg}")
-        if first is None:
-            first = (field, line)
-    head = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
-    err_obj = ConfigError(head)
-    err_obj.source, err_obj.field, err_obj.line = source, first[0] if first else None, first[1] if first else None
-    return err_obj
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,
@@ -399,52 +303,4 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,
         raise ConfigError(f"cannot read config ({exc})", source=str(p)) from None
     return parse_config(text, source=str(p), base_dir=p.resolve().parent, env=env, check_files=check_files)
 
-
-# ---- the same loading for other YAML files (alert rules, ...) -----------------------------
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def load_yaml(text: str, source: str = "<config>", env: dict[str, str] | None = None,
-              expected: str = "a mapping at the top level") -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
-    """YAML text -> (data with ``${ENV}`` expanded, 1-based line of every value's path).
-
-    Raises ``ConfigError`` with the line for invalid YAML, duplicate keys, an empty file,
-    a top level that is not a mapping (``expected`` says what it should be) and unset
-    environment variables."""
-    env = dict(os.environ) if env is None else env
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(f"invalid YAML ({exc.problem or exc.context})", source=source,
-                          line=mark.line + 1 if mark else None) from None
-    if root is None:
-        raise ConfigError("the file is empty", source=source)
-    lines: dict[tuple[Any, ...], int] = {}
-    data = _node_to_python(root, (), lines, source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected {expected}", source=source, line=1)
-    return _expand_env(data, (), lines, source, env), lines
-
-
-def validate_model(model: type[ModelT], data: Any, lines: dict[tuple[Any, ...], int], source: str,
-                   field_name: Callable[[tuple[Any, ...]], str] = _dotted) -> ModelT:
-    """``model.model_validate(data)`` with every problem reported as ``source:line: field: ...``.
-
-    ``field_name`` turns a pydantic location into the name shown (default: ``a.b[2].c``),
-    e.g. to add a list item's own name to its index."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc, lines, source, field_name) from None
-
-
-def parse_model(model: type[ModelT], text: str, source: str = "<config>", env: dict[str, str] | None = None,
-                field_name: Callable[[tuple[Any, ...]], str] = _dotted,
-                expected: str = "a mapping at the top level") -> tuple[ModelT, dict[tuple[Any, ...], int]]:
-    """Load any pydantic model from YAML text with line-numbered errors; also returns the
-    line table so callers can point their own checks at a line."""
-    data, lines = load_yaml(text, source, env, expected)
-    return validate_model(model, data, lines, source, field_name), lines
 

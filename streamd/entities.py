@@ -21,12 +21,18 @@ class Frame:
     capture_ts: float       # wall clock (time.time()) when the decoder returned it
     capture_mono: float     # time.monotonic() at the same instant; ages use this
     image: np.ndarray       # HxWx3 uint8, BGR (OpenCV's order)
-    request: Any = None     # an on-demand request (streamd.requests.Request) instead of a camera frame
+    request: Any = None     # an on-demand request (streamd.service.requests.Request) instead of a camera frame
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels."""
         return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+def as_frame(req: Any) -> Frame:
+    """An on-demand request (``streamd.service.requests.Request``) as a frame the scheduler can
+    batch beside the cameras'."""
+    return Frame("", 0, req.received_ts, req.received_mono, req.image, request=req)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,10 @@ LAYOUT_RAW = "yolov8_raw"       # (batch, 4 + num_classes, anchors): cx, cy, w, 
 LAYOUT_END2END = "end2end"      # (batch, max_det, 6): x1, y1, x2, y2, score, class (NMS in graph)
 LAYOUTS = (LAYOUT_RAW, LAYOUT_END2END)
 
+# The grey every YOLOv8 letterbox pads with (Ultralytics' ``LetterBox``): part of what the model
+# was trained on, so preprocessing and the backends that pad a short batch agree on it.
+PAD_VALUE = 114
+
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """Where the manifest of ``model_path`` lives (same folder, ``.json`` appended)."""

@@ -28,6 +28,16 @@ from .errors import StreamdError
 
 log = logging.getLogger("streamd.security")
 
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def endpoint_is_loopback(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True   # ipc:// and inproc:// never leave the machine
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host.startswith(_LOOPBACK_HOSTS)
+
+
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 ZAP_DOMAIN = "streamd"

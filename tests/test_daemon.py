@@ -156,7 +156,7 @@ def test_port_in_use_is_one_clear_error(yolov8n_onnx_320: Path, daemon_factory) 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
     import random
 
-    from streamd.sources.camera import backoff_delay
+    from streamd.pipeline.sources.camera import backoff_delay
     rng = random.Random(1)
     for attempt, step in [(0, 1), (1, 2), (2, 4), (3, 8), (10, 30), (50, 30)]:
         delays = [backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(200)]

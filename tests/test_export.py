@@ -242,7 +242,7 @@ def test_cli_default_takes_any_size_and_fixed_size_pins_it(yolov8n_pt: Path, tmp
 
 @pytest.mark.slow
 def test_any_size_model_runs_at_each_cameras_own_size(yolov8n_onnx_640_anyhw: Path) -> None:
-    from streamd.preprocess import net_shape_for
+    from streamd.pipeline.preprocess import net_shape_for
 
     # The inputs of a 3:4 portrait camera (bus.jpg's 810x1080), a 16:9 one (zidane.jpg's
     # 1280x720) and a square one, as H x W.
@@ -329,8 +329,8 @@ def test_in_graph_nms_with_any_size_agrees_with_the_raw_head(yolov8n_pt: Path, e
                                                              sample_images: list[Path]) -> None:
     import cv2
 
-    from streamd.postprocess import PostprocessParams, postprocess
-    from streamd.preprocess import BatchBuffer, net_shape_for
+    from streamd.pipeline.postprocess import PostprocessParams, postprocess
+    from streamd.pipeline.preprocess import BatchBuffer, net_shape_for
 
     raw = exported_model(yolov8n_pt, 320, (1, 8), False, dynamic_hw=True)
     e2e = exported_model(yolov8n_pt, 320, 2, True, conf=0.2, iou=0.6, max_det=100, dynamic_hw=True)
@@ -527,7 +527,7 @@ def _fresh_python(code: str) -> str:
 def test_help_and_daemon_modules_do_not_import_torch() -> None:
     code = (
         "import sys, contextlib, io\n"
-        "import streamd.manifest, streamd.preprocess, streamd.postprocess, streamd.backends\n"
+        "import streamd.manifest, streamd.pipeline.preprocess, streamd.pipeline.postprocess, streamd.backends\n"
         "from streamd.backends import onnxruntime\n"
         "from streamd_export import cli\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"

@@ -32,8 +32,8 @@ from streamd_export.cli import EXIT_NEEDS_GPU, main
 
 from streamd.backends import open_backend
 from streamd.manifest import ModelManifest
-from streamd.postprocess import PostprocessParams, postprocess
-from streamd.preprocess import letterbox_batch
+from streamd.pipeline.postprocess import PostprocessParams, postprocess
+from streamd.pipeline.preprocess import letterbox_batch
 from tests.fixtures_daemon import free_tcp_port
 
 IMGSZ = 320
@@ -314,7 +314,7 @@ def test_agreement_below_the_threshold_fails_and_installs_nothing(fall_pt: Path,
 
 @pytest.mark.slow
 def test_engine_without_tensorrt_writes_the_onnx_and_names_the_step(yolov8n_pt: Path, tmp_path: Path) -> None:
-    from streamd.backends.tensorrt import tensorrt_version
+    from streamd.backends.tensorrt.runtime import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here: --engine would build (tests/test_tensorrt_gpu.py)")

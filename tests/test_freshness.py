@@ -20,9 +20,9 @@ from streamd.backends.base import Backend
 from streamd.backends.pool import BackendPool, Layout, build_pool, candidate_layouts, default_layout
 from streamd.config import SchedulerConfig
 from streamd.entities import Frame, FrameResult
-from streamd.postprocess import PostprocessParams
-from streamd.queues import RingQueue
-from streamd.scheduler import InferenceTime, Pipeline
+from streamd.pipeline.postprocess import PostprocessParams
+from streamd.pipeline.queues import RingQueue
+from streamd.pipeline.scheduler import InferenceTime, Pipeline
 from tests.fixtures_daemon import wait_until
 
 

@@ -26,10 +26,10 @@ import zmq
 from streamd import protocol
 from streamd.entities import FrameResult
 from streamd.errors import StreamdError
-from streamd.metrics import (CAMERA_STATES, CONTENT_TYPE, Counter, Gauge, GpuCollector, Histogram, MetricFamily,
-                             MetricsServer, PipelineMetrics, ProcessCollector, Registry, build_registry,
-                             daemon_collector, format_value)
-from streamd.status import format_status, format_uptime, run_status
+from streamd.service.metrics import (CAMERA_STATES, CONTENT_TYPE, Counter, Gauge, GpuCollector, Histogram,
+                                     MetricFamily, MetricsServer, PipelineMetrics, ProcessCollector, Registry,
+                                     build_registry, daemon_collector, format_value)
+from streamd.client.status import format_status, format_uptime, run_status
 
 # ---- a strict reader of the text format --------------------------------------------------------------
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -401,7 +401,7 @@ def test_gpu_collector_when_pynvml_cannot_be_imported() -> None:
         "import sys, logging\n"
         "sys.modules['pynvml'] = None\n"
         "logging.basicConfig(level=logging.WARNING)\n"
-        "from streamd.metrics import build_registry, GpuCollector\n"
+        "from streamd.service.metrics import build_registry, GpuCollector\n"
         "g = GpuCollector()\n"
         "assert g() == [] and not g.available\n"
         "text = build_registry(lambda: {}, None).render()\n"

@@ -44,8 +44,8 @@ import pytest
 from streamd.backends import open_backend
 from streamd.entities import Detection
 from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW
-from streamd.postprocess import PostprocessParams, nms, postprocess
-from streamd.preprocess import (
+from streamd.pipeline.postprocess import PostprocessParams, nms, postprocess
+from streamd.pipeline.preprocess import (
     PAD_VALUE,
     BatchBuffer,
     Letterbox,
@@ -625,7 +625,7 @@ def test_boxes_are_clipped_to_the_frame() -> None:
 
 
 def test_batch_buffer_reuse_regreys_the_pad() -> None:
-    from streamd.preprocess import BatchBuffer
+    from streamd.pipeline.preprocess import BatchBuffer
 
     buf = BatchBuffer(2, 320, 320)
     wide = np.full((100, 1000, 3), 200, np.uint8)     # pads top and bottom

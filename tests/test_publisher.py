@@ -9,10 +9,10 @@ import time
 import zmq
 
 from streamd import protocol
+from streamd.client.subscriber import GapTracker, format_line, run_sub
 from streamd.config import PublisherConfig
 from streamd.entities import Detection, FrameResult
-from streamd.publisher import Publisher
-from streamd.subscriber import GapTracker, format_line, run_sub
+from streamd.outputs.zmq_publisher import Publisher
 from tests.fixtures_daemon import Collector, free_tcp_port, wait_until
 
 

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 import pytest
 
 from streamd import protocol
+from streamd.client.relay import Relay, RelayError, Upstream
 from streamd.config import CurveConfig, PublisherConfig
-from streamd.publisher import Publisher
-from streamd.relay import Relay, RelayError, Upstream
+from streamd.outputs.zmq_publisher import Publisher
 from streamd.security import generate_key_files, load_key_file, load_secret_key_file
 from tests.fixtures_daemon import REPO, Collector, DaemonProcess, free_tcp_port, wait_until
 from tests.test_daemon import base_config
@@ -203,7 +203,7 @@ def test_relay_process_merges_two_real_daemons(yolov8n_onnx_320: Path, test_medi
         daemons.append(DaemonProcess(cfg_b, work_b))
         with open(relay_log, "wb") as log:
             relay = subprocess.Popen(
-                [sys.executable, "-m", "streamd.relay", "--listen", listen,
+                [sys.executable, "-m", "streamd.cli.relay", "--listen", listen,
                  "--from", cfg_b["publisher"]["endpoint"],
                  "--from-curve", cfg_a["publisher"]["endpoint"], str(daemon_pub), "--client-key", str(relay_sec)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)

@@ -12,9 +12,9 @@ import pytest
 from streamd.backends import open_backend
 from streamd.config import SchedulerConfig
 from streamd.entities import Frame, FrameResult
-from streamd.postprocess import PostprocessParams
-from streamd.queues import RingQueue
-from streamd.scheduler import Pipeline
+from streamd.pipeline.postprocess import PostprocessParams
+from streamd.pipeline.queues import RingQueue
+from streamd.pipeline.scheduler import Pipeline
 from tests.fixtures_daemon import wait_until
 
 

@@ -18,13 +18,14 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from streamd import keys_cli, protocol
+from streamd import protocol
+from streamd.cli import keys as keys_cli
 from streamd.config import CurveConfig, PublisherConfig, load_config
 from streamd.errors import ConfigError, PublishError
-from streamd.publisher import Publisher
+from streamd.outputs.zmq_publisher import Publisher
 from streamd.security import (CurveKeys, KeyFileError, apply_client, generate_key_files, load_allowed_keys,
                               load_key_file, load_secret_key_file)
-from streamd.subscriber import run_sub
+from streamd.client.subscriber import run_sub
 from tests.fixtures_daemon import REPO, free_tcp_port, wait_until
 from tests.test_publisher import make_result
 
@@ -194,7 +195,7 @@ def test_subscribe_and_sub_command_connect_with_curve(keys: dict[str, Path]) -> 
 
 
 def test_subscribe_needs_both_keys(keys: dict[str, Path]) -> None:
-    from streamd.subscriber import subscribe
+    from streamd.client.subscriber import subscribe
     with pytest.raises(KeyFileError, match="both"):
         next(subscribe("tcp://127.0.0.1:1", server_key=keys["server_pub"]))
     with pytest.raises(KeyFileError, match="no secret key"):
@@ -299,7 +300,7 @@ def test_keys_generate_writes_a_zeromq_certificate_pair(tmp_path: Path, capsys: 
 
 
 def test_keys_command_runs_as_a_process(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "streamd.keys_cli", "generate", "box", "--dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "streamd.cli.keys", "generate", "box", "--dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert load_secret_key_file(tmp_path / "box.key_secret").public.decode() in r.stdout

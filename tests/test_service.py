@@ -1,4 +1,4 @@
-"""streamd.service against a real AF_UNIX datagram socket, and the unit file against systemd.
+"""streamd.service.systemd against a real AF_UNIX datagram socket, and the unit file against systemd.
 
 The listener below plays systemd's part: it binds the socket, the Notifier under test finds
 it through $NOTIFY_SOCKET, and the assertions read exactly what arrived. Every wait is a
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from streamd.service import Notifier, Watchdog
+from streamd.service.systemd import Notifier, Watchdog
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "streamd.service"

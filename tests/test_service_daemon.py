@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from streamd.config import load_config
-from streamd.daemon import Daemon
-from streamd.service import Notifier
+from streamd.service.daemon import Daemon
+from streamd.service.systemd import Notifier
 from tests.fixtures_daemon import free_tcp_port, wait_until
 from tests.test_daemon import base_config
 

@@ -40,7 +40,7 @@ def _missing() -> str | None:
         import pycuda.driver  # noqa: F401
     except ImportError:
         return "pycuda is not installed (the TensorRT backend needs it)"
-    from streamd.backends.tensorrt import probe_gpu
+    from streamd.backends.tensorrt.runtime import probe_gpu
 
     gpu, why = probe_gpu(0)
     if gpu is None:
@@ -93,7 +93,7 @@ def pictures(sample_images: list[Path]) -> list[np.ndarray]:
 
 
 def _dets(output: np.ndarray, names: dict[int, str], layout: str, lbs: list[Any]) -> list[Any]:
-    from streamd.postprocess import PostprocessParams, postprocess
+    from streamd.pipeline.postprocess import PostprocessParams, postprocess
     from streamd_export.verify_stage import Dets
 
     out = []
@@ -107,7 +107,7 @@ def _dets(output: np.ndarray, names: dict[int, str], layout: str, lbs: list[Any]
 def test_engine_manifest_records_its_build(precision: str, engines: dict[str, Path]) -> None:
     import tensorrt as trt
 
-    from streamd.backends.tensorrt import probe_gpu
+    from streamd.backends.tensorrt.runtime import probe_gpu
 
     engine = engines[precision]
     m = ModelManifest.read(engine)
@@ -130,7 +130,7 @@ def test_engine_agrees_with_onnxruntime(precision: str, engines: dict[str, Path]
     from streamd_export.verify_stage import agreement
 
     from streamd.backends import open_backend
-    from streamd.preprocess import letterbox_batch
+    from streamd.pipeline.preprocess import letterbox_batch
 
     with open_backend(fall_onnx_320, device="cpu", warmup=False) as ref_b:
         x, lbs = letterbox_batch(pictures, IMGSZ, IMGSZ)
@@ -151,7 +151,7 @@ def test_engine_agrees_with_onnxruntime(precision: str, engines: dict[str, Path]
 def test_dynamic_batches_and_two_in_flight_match_single_images(engines: dict[str, Path],
                                                                pictures: list[np.ndarray]) -> None:
     from streamd.backends import open_backend
-    from streamd.preprocess import letterbox_batch
+    from streamd.pipeline.preprocess import letterbox_batch
 
     x, _ = letterbox_batch(pictures, IMGSZ, IMGSZ)
     with open_backend(engines["fp32"]) as b:
@@ -190,7 +190,7 @@ def test_a_changed_engine_byte_is_refused(engines: dict[str, Path], tmp_path: Pa
 def test_engine_from_another_tensorrt_is_rebuilt_when_allowed(engines: dict[str, Path], tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from streamd.backends.tensorrt import TensorRTBackend
+    from streamd.backends.tensorrt.runtime import TensorRTBackend
     from streamd.errors import ManifestError
 
     src = engines["fp32"]

@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 
 from streamd.backends import backend_for, open_backend
-from streamd.errors import BackendError, ManifestError
-from streamd.manifest import LAYOUT_RAW, ModelManifest, sha256_file
-from streamd.trt_logic import (
+from streamd.backends.tensorrt.logic import (
     BUILD_HW_PROFILE,
     BatchProfile,
     EngineRefused,
@@ -55,6 +53,8 @@ from streamd.trt_logic import (
     resolve_shape,
     trt_dtype_name,
 )
+from streamd.errors import BackendError, ManifestError
+from streamd.manifest import LAYOUT_RAW, ModelManifest, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,7 +241,7 @@ def test_hw_profile_spans_half_the_size_to_the_full_size(imgsz: tuple[int, int],
 
 
 def test_hw_profile_covers_the_common_camera_aspects_at_640() -> None:
-    from streamd.preprocess import net_shape_for
+    from streamd.pipeline.preprocess import net_shape_for
 
     p = choose_hw_profile((640, 640), 32)
     # 4:3, 3:2, 16:10, 16:9, 2:1 and their portrait forms run at their own input size.
@@ -528,7 +528,7 @@ def test_any_size_engine_manifest_records_its_hw_profile(tmp_path: Path) -> None
 # the backend on this machine (no TensorRT here; the refusals come first)
 # ---------------------------------------------------------------------------------------
 def test_engine_files_select_the_tensorrt_backend() -> None:
-    from streamd.backends.tensorrt import TensorRTBackend
+    from streamd.backends.tensorrt.runtime import TensorRTBackend
 
     assert backend_for(Path("x.engine")) is TensorRTBackend
     assert backend_for(Path("x.PLAN")) is TensorRTBackend
@@ -558,7 +558,7 @@ def test_backend_refuses_cpu_device(tmp_path: Path) -> None:
 
 
 def test_backend_says_what_is_missing_for_an_intact_engine(tmp_path: Path) -> None:
-    from streamd.backends.tensorrt import tensorrt_version
+    from streamd.backends.tensorrt.runtime import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here; this checks the message where it is not")
@@ -568,8 +568,8 @@ def test_backend_says_what_is_missing_for_an_intact_engine(tmp_path: Path) -> No
 
 
 def test_importing_streamd_does_not_import_tensorrt_or_pycuda() -> None:
-    code = ("import sys, streamd, streamd.backends, streamd.backends.tensorrt, streamd.trt_logic, "
-            "streamd.doctor, streamd.cli\n"
+    code = ("import sys, streamd, streamd.backends, streamd.backends.tensorrt, streamd.backends.tensorrt.logic, "
+            "streamd.service.doctor, streamd.cli\n"
             "from streamd.backends import backend_for\nfrom pathlib import Path\n"
             "backend_for(Path('m.engine'))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda')))")
@@ -582,7 +582,7 @@ def test_importing_streamd_does_not_import_tensorrt_or_pycuda() -> None:
 # streamd doctor
 # ---------------------------------------------------------------------------------------
 def run_doctor(*argv: str) -> int:
-    from streamd import doctor
+    from streamd.cli import doctor
 
     parser = argparse.ArgumentParser(prog="streamd")
     doctor.register(parser.add_subparsers(dest="command", required=True))
@@ -593,7 +593,7 @@ def run_doctor(*argv: str) -> int:
 def test_opencv_build_information_is_read() -> None:
     import cv2
 
-    from streamd.doctor import opencv_video_io
+    from streamd.service.doctor import opencv_video_io
 
     text = ("  Video I/O:\n    DC1394:                      NO\n    FFMPEG:                      YES\n"
             "      avcodec:                   YES (59.37.100)\n    GStreamer:                   NO\n"
@@ -606,7 +606,7 @@ def test_opencv_build_information_is_read() -> None:
 def test_doctor_tiny_model_runs_like_a_raw_yolo_output(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from streamd.doctor import TINY_CLASSES, TINY_HW, tiny_onnx
+    from streamd.service.doctor import TINY_CLASSES, TINY_HW, tiny_onnx
 
     path = tmp_path / "tiny.onnx"
     tiny_onnx(path)
@@ -618,7 +618,7 @@ def test_doctor_tiny_model_runs_like_a_raw_yolo_output(tmp_path: Path) -> None:
 
 
 def test_doctor_reports_a_cpu_machine_cleanly(capfd: pytest.CaptureFixture[str], fall_onnx_320: Path) -> None:
-    from streamd.backends.tensorrt import tensorrt_version
+    from streamd.backends.tensorrt.runtime import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")

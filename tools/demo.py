@@ -134,7 +134,7 @@ def main() -> int:
 
 
 def watch(endpoint: str, seconds: float, out: Path, daemon: subprocess.Popen) -> int:
-    from streamd.subscriber import GapTracker, format_line, save_snapshot, subscribe
+    from streamd.client.subscriber import GapTracker, format_line, save_snapshot, subscribe
 
     step(f"detections arriving on {endpoint} (streamd sub {endpoint}) for {seconds:.0f}s")
     per_cam: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

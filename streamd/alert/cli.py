@@ -6,7 +6,6 @@ line), and logs go to standard error, so ``streamd alert ... | jq`` works.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -30,46 +29,12 @@ POLL_MS = 100
 CLOSE_S = 5.0   # at exit, how long queued webhook/command deliveries may still take
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``alert`` subcommand to the ``streamd`` command's subparsers."""
-    p = subparsers.add_parser("alert", help="raise alerts from a daemon's detections by rules",
-                              description="Subscribe to a streamd daemon and raise alerts by the rules "
-                                          "in RULES.yaml (see configs/alerts.example.yaml).")
-    p.add_argument("-c", "--config", required=True, metavar="RULES.yaml", help="alert rules file")
-    p.add_argument("--endpoint", help="daemon's publisher endpoint (default: endpoint: in the rules file)")
-    p.add_argument("--snapshots", metavar="DIR",
-                   help="save an annotated JPEG per alert to DIR/<camera>/<time>-<rule>.jpg "
-                        "(default: snapshots_dir: in the rules file)")
-    p.add_argument("--server-key", type=Path, metavar="FILE",
-                   help="CURVE: the daemon's public key file (NAME.key); needs --client-key")
-    p.add_argument("--client-key", type=Path, metavar="FILE",
-                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    p.set_defaults(func=_cmd_alert)
-
-
-def _cmd_alert(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
-    return run_alert(args.config, endpoint=args.endpoint,
-                     snapshots_dir=Path(args.snapshots) if args.snapshots else None,
-                     server_key=args.server_key, client_key=args.client_key)
-
-
-def _setup_logging(level: str) -> None:
-    from ..redact import ScrubbingFormatter
-    handler = logging.StreamHandler(sys.stderr)   # stdout belongs to the event lines
-    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 class AlertRunner:
     """The subscriber loop: socket -> engine -> snapshots -> sinks."""
 
     def __init__(self, cfg: AlertConfig, endpoint: str | None = None, snapshots_dir: Path | None = None,
                  out: TextOut | None = None, server_key: Path | None = None, client_key: Path | None = None) -> None:
-        from ..subscriber import curve_client_keys
+        from ..client.subscriber import curve_client_keys
         from .engine import AlertEngine
         from .sinks import build_sinks
         self.cfg = cfg
@@ -189,9 +154,3 @@ def run_alert(config: str | Path, endpoint: str | None = None, snapshots_dir: Pa
     finally:
         for signum, handler in restore.items():
             signal.signal(signum, handler)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m streamd.alert``: the same command without the ``streamd`` front end."""
-    from ..cli import main as streamd_main
-    return streamd_main(["alert", *(sys.argv[1:] if argv is None else argv)])

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .. import protocol
-from ..subscriber import GapTracker
+from ..client.subscriber import GapTracker
 from .geometry import bottom_center, overlap_fraction, point_in_polygon
 from .rules import AlertConfig, Rule
 

@@ -1,6 +1,6 @@
 """The alert rules file: typed, validated, with errors that name the rule, field and line.
 
-Loaded with the same machinery as the daemon's config (``streamd.config``): YAML with
+Loaded with the same machinery as the daemon's config (``streamd.config_loader``): YAML with
 line numbers, ``${ENV}`` expansion, pydantic models with ``extra="forbid"``. A problem in a
 rule reads ``alerts.yaml:14: rule 'door' (rules[1]).zone: needs at least 3 points``.
 """
@@ -14,7 +14,8 @@ from typing import Any, Callable, Literal, get_args
 
 from pydantic import Field, FiniteFloat, field_validator
 
-from ..config import CAMERA_ID, _dotted, _line_for, _Strict, load_yaml, validate_model
+from ..config import CAMERA_ID
+from ..config_loader import StrictModel, dotted, line_for, load_yaml, validate_model
 from ..errors import ConfigError
 from ..redact import register_secret, register_url
 from .geometry import crossing_edges, polygon_area
@@ -39,7 +40,7 @@ def _outages() -> list[HealthState]:
     return ["lost", "stalled", "reconnecting"]
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     name: str = Field(min_length=1, max_length=100, description="shown in alerts and snapshot file names")
     enabled: bool = True
     cameras: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
@@ -118,7 +119,7 @@ class Rule(_Strict):
         return "*" in self.cameras
 
 
-class WebhookSinkConfig(_Strict):
+class WebhookSinkConfig(StrictModel):
     url: str = Field(description="http:// or https:// address the alert JSON is POSTed to")
     headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
     events: list[EventName] = Field(default_factory=_all_events)
@@ -136,7 +137,7 @@ class WebhookSinkConfig(_Strict):
         return v
 
 
-class CommandSinkConfig(_Strict):
+class CommandSinkConfig(StrictModel):
     argv: list[str] = Field(min_length=1, description="program and arguments, run without a shell; "
                                                       "the event JSON arrives on its stdin")
     events: list[EventName] = Field(default_factory=_alerts_only)
@@ -151,13 +152,13 @@ class CommandSinkConfig(_Strict):
         return v
 
 
-class SinksConfig(_Strict):
+class SinksConfig(StrictModel):
     stdout: bool = Field(True, description="one JSON object per line on standard output")
     webhooks: list[WebhookSinkConfig] = Field(default_factory=list)
     commands: list[CommandSinkConfig] = Field(default_factory=list)
 
 
-class AlertConfig(_Strict):
+class AlertConfig(StrictModel):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="the daemon's publisher.endpoint")
     server_key: Path | None = Field(None, description="CURVE: the daemon's public key file (NAME.key)")
     client_key: Path | None = Field(None, description="CURVE: this subscriber's secret key file (NAME.key_secret)")
@@ -185,10 +186,10 @@ def _field_namer(data: dict[str, Any]) -> Callable[[tuple[Any, ...]], str]:
         if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int) and isinstance(raw_rules, list) \
                 and loc[1] < len(raw_rules) and isinstance(raw_rules[loc[1]], dict) \
                 and isinstance(raw_rules[loc[1]].get("name"), str):
-            head = f"rule '{raw_rules[loc[1]]['name']}' ({_dotted(loc[:2])})"
-            rest = _dotted(loc[2:]) if len(loc) > 2 else ""
+            head = f"rule '{raw_rules[loc[1]]['name']}' ({dotted(loc[:2])})"
+            rest = dotted(loc[2:]) if len(loc) > 2 else ""
             return head + (f".{rest}" if rest and not rest.startswith("[") else rest)
-        return _dotted(loc)
+        return dotted(loc)
 
     return name
 
@@ -205,7 +206,7 @@ def parse_rules(text: str, source: str = "<rules>", base_dir: Path | None = None
 
     def fail(i: int, key: str, message: str) -> ConfigError:
         return ConfigError(message, source=source, field=_rule_field(cfg, i, key),
-                           line=_line_for(("rules", i, key), lines))
+                           line=line_for(("rules", i, key), lines))
 
     seen: dict[str, int] = {}
     for i, rule in enumerate(cfg.rules):
@@ -222,7 +223,7 @@ def parse_rules(text: str, source: str = "<rules>", base_dir: Path | None = None
     for have, need in (("server_key", "client_key"), ("client_key", "server_key")):
         if getattr(cfg, have) is not None and getattr(cfg, need) is None:
             raise ConfigError(f"CURVE needs {need} as well", source=source, field=have,
-                              line=_line_for((have,), lines))
+                              line=line_for((have,), lines))
 
     # Paths follow the rules file, so a service's working directory doesn't matter.
     if base_dir is not None:

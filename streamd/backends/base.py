@@ -6,7 +6,7 @@ for those n images. It knows nothing of cameras.
 
 A fixed-size model takes exactly its ``input_hw``. A ``dynamic_hw`` model takes any H, W
 that are multiples of its ``stride`` up to ``input_hw``, so a caller can letterbox each
-camera to its own aspect (``streamd.preprocess.net_shape_for``); every image of one batch
+camera to its own aspect (``streamd.pipeline.preprocess.net_shape_for``); every image of one batch
 still shares one H x W.
 """
 

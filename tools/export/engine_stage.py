@@ -5,12 +5,12 @@ flavour) is already in the output folder when TensorRT is missing: a CPU machine
 everything it can make and a message naming the one step that needs a GPU
 (``EngineUnavailable``, exit status 3).
 
-The build itself is ``streamd.backends.tensorrt.build_engine`` (shared with the daemon's
+The build itself is ``streamd.backends.tensorrt.runtime.build_engine`` (shared with the daemon's
 rebuild and ``streamd doctor``); this stage picks its inputs, shows progress, and writes
 ``NAME.engine`` as a plain plan file (readable by trtexec and Triton, no header) with its
 manifest: TensorRT version, GPU and compute capability, precision, batch profile, input
 size, classes, the sha256 of the plan and of the ONNX it was built from. An ONNX that takes
-any H x W gets an H x W profile too (``streamd.trt_logic.choose_hw_profile``: half of
+any H x W gets an H x W profile too (``streamd.backends.tensorrt.logic.choose_hw_profile``: half of
 ``--imgsz`` up to ``--imgsz``), recorded in the manifest's build facts.
 
 This module also holds the command-line options of the FP16/INT8/engine stages, so the
@@ -24,9 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamd.errors import BackendError, ExportError
-from streamd.manifest import sha256_file
-from streamd.trt_logic import (
+from streamd.backends.tensorrt.logic import (
     BUILD_CC,
     BUILD_GPU,
     BUILD_ONNX_FILE,
@@ -35,6 +33,8 @@ from streamd.trt_logic import (
     choose_hw_profile,
     choose_profile,
 )
+from streamd.errors import BackendError, ExportError
+from streamd.manifest import sha256_file
 
 from .int8_stage import progress
 from .stages import ExportContext, ExportInputError, register
@@ -92,7 +92,7 @@ def _unavailable(ctx: ExportContext, why: str) -> EngineUnavailable:
 
 @register("engine", "build a TensorRT engine from the installed ONNX and write its manifest")
 def engine_stage(ctx: ExportContext) -> None:
-    from streamd.backends.tensorrt import build_engine, probe_gpu, tensorrt_version
+    from streamd.backends.tensorrt.runtime import build_engine, probe_gpu, tensorrt_version
 
     req = ctx.request
     onnx_path, onnx_manifest = ctx.installed_path, ctx.manifest
@@ -125,7 +125,7 @@ def engine_stage(ctx: ExportContext) -> None:
     except BackendError as exc:
         raise ExportError(f"{onnx_path.name}: engine build failed: {exc}") from None
 
-    from streamd.backends.tensorrt import write_atomic
+    from streamd.backends.tensorrt.runtime import write_atomic
 
     engine_path = onnx_path.with_suffix(".engine")
     if engine_path.exists():

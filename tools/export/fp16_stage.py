@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from streamd.backends.tensorrt.logic import BUILD_FP32_ONNX_SHA, head_prefix, is_decode_node
 from streamd.errors import ExportError
 from streamd.manifest import sha256_file
-from streamd.trt_logic import BUILD_FP32_ONNX_SHA, head_prefix, is_decode_node
 
 from .stages import ExportContext, register
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from streamd.backends.tensorrt.logic import BUILD_FP32_ONNX_SHA, head_prefix, keep_float_in_int8
 from streamd.errors import ConfigError, ExportError
 from streamd.manifest import sha256_file
-from streamd.trt_logic import BUILD_FP32_ONNX_SHA, head_prefix, keep_float_in_int8
 
 from .stages import ExportContext, ExportInputError, register
 
@@ -53,7 +53,7 @@ def progress(msg: str, *, end: str = "\n") -> None:
 # ---------------------------------------------------------------------------------------
 def to_network_input(image: np.ndarray, imgsz: tuple[int, int]) -> np.ndarray:
     """Letterbox one BGR frame exactly as the daemon does; uint8 (3, H, W) RGB."""
-    from streamd.preprocess import letterbox_batch
+    from streamd.pipeline.preprocess import letterbox_batch
 
     tensor, _ = letterbox_batch([image], *imgsz)
     # The float tensor is uint8 * (1/255) in float32; rounding recovers the bytes exactly.
@@ -171,7 +171,7 @@ def samples_from_config(config: Path, count: int, imgsz: tuple[int, int]) -> tup
     """Frames from every enabled camera of a daemon config, ``count`` in all."""
     from streamd.config import load_config
     from streamd.redact import scrub
-    from streamd.sources.camera import configure_ffmpeg_defaults
+    from streamd.pipeline.sources.camera import configure_ffmpeg_defaults
 
     try:
         cfg = load_config(config, check_files=False)

@@ -25,8 +25,8 @@ import numpy as np
 
 from streamd.errors import ExportError
 from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW
-from streamd.postprocess import PostprocessParams, postprocess
-from streamd.preprocess import Letterbox
+from streamd.pipeline.postprocess import PostprocessParams, postprocess
+from streamd.pipeline.preprocess import Letterbox
 
 from .int8_stage import as_float, check_image_folder, progress, samples_from_folder, to_network_input
 from .stages import DEFAULT_CONF, ExportContext, ExportInputError, register

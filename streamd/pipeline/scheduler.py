@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends.base import Backend
-from .backends.pool import BackendPool
-from .config import SchedulerConfig
-from .entities import Frame, FrameResult
+from ..backends.base import Backend
+from ..backends.pool import BackendPool
+from ..config import SchedulerConfig
+from ..entities import Frame, FrameResult, as_frame
 from .postprocess import PostprocessParams, postprocess
 from .preprocess import BatchBuffer, Letterbox, net_shape_for
 from .queues import QueueSet, RingQueue
@@ -158,7 +158,7 @@ class Pipeline:
         self.info = info
         self.max_batch = min(cfg.max_batch, info.batch_max)
         self.queues = queues or QueueSet()
-        self.requests = requests            # streamd.requests.RequestQueue, or None
+        self.requests = requests            # streamd.service.requests.RequestQueue, or None
         self.request_share = request_share
         self.ready = self.queues.ready
         self._rr_next = 0
@@ -319,7 +319,6 @@ class Pipeline:
                     break
 
     def _take_requests(self, d: _Draft, want: int, now: float, bound: float) -> None:
-        from .requests import as_frame
         while want > 0 and not d.full:
             req = self.requests.peek_locked()
             if req is None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 
-from .entities import Frame
+from ..entities import Frame
 
 
 class RingQueue:

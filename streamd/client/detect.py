@@ -1,6 +1,6 @@
 """``streamd detect IMAGE...``: submit pictures to a running daemon and print the results.
 
-It speaks the request protocol of streamd.requests over a DEALER socket: every image is
+It speaks the request protocol of streamd.service.requests over a DEALER socket: every image is
 sent with its index as ``request_id``; ``busy`` answers are retried with capped,
 jittered exponential backoff, so a burst of submissions never overruns the daemon.
 """

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import StreamdError
+from ..errors import StreamdError
 
 log = logging.getLogger("streamd.metrics")
 

@@ -21,23 +21,15 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
-from .config import PublisherConfig
-from .entities import FrameResult
-from .errors import PublishError
-from .redact import scrub
-from .security import KeyFileError, ServerSecurity, apply_server, load_allowed_keys, load_secret_key_file
+from .. import protocol
+from ..config import PublisherConfig
+from ..entities import FrameResult
+from ..errors import PublishError
+from ..redact import scrub
+from ..security import (KeyFileError, ServerSecurity, apply_server, endpoint_is_loopback, load_allowed_keys,
+                        load_secret_key_file)
 
 log = logging.getLogger("streamd.publisher")
-
-_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-
-
-def endpoint_is_loopback(endpoint: str) -> bool:
-    if not endpoint.startswith("tcp://"):
-        return True   # ipc:// and inproc:// never leave the machine
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-    return host.startswith(_LOOPBACK_HOSTS)
 
 
 class Publisher(threading.Thread):

@@ -20,7 +20,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -94,7 +93,7 @@ def sample_batch(hw: tuple[int, int]) -> tuple[np.ndarray, str]:
 
     import cv2
 
-    from .preprocess import letterbox_batch
+    from ..pipeline.preprocess import letterbox_batch
 
     spec = importlib.util.find_spec("ultralytics")
     if spec is not None and spec.origin is not None:
@@ -118,9 +117,9 @@ def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 
 def engine_selftest(model: Path | None, workdir: Path) -> Check:
     """Build an engine, load it with the TensorRT backend, compare with ONNX Runtime."""
-    from .backends.tensorrt import TensorRTBackend, build_engine, probe_gpu, write_atomic
-    from .manifest import LAYOUT_RAW, ModelManifest, sha256_file
-    from .trt_logic import BUILD_CC, BUILD_GPU, BUILD_ONNX_FILE, BUILD_ONNX_SHA, choose_profile
+    from ..backends.tensorrt.runtime import TensorRTBackend, build_engine, probe_gpu, write_atomic
+    from ..manifest import LAYOUT_RAW, ModelManifest, sha256_file
+    from ..backends.tensorrt.logic import BUILD_CC, BUILD_GPU, BUILD_ONNX_FILE, BUILD_ONNX_SHA, choose_profile
 
     gpu, why = probe_gpu(0)
     if gpu is None:
@@ -185,7 +184,7 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
     except Exception as exc:
         checks.append(Check("opencv", FAIL, f"cannot be imported ({exc})"))
 
-    from .backends.tensorrt import probe_gpu, tensorrt_version
+    from ..backends.tensorrt.runtime import probe_gpu, tensorrt_version
 
     trt_version = tensorrt_version()
     if trt_version is None:
@@ -193,7 +192,7 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
                             "not installed (the .engine backend is unavailable; .onnx models run "
                             "with ONNX Runtime)"))
     else:
-        from .trt_logic import TrtVersion, check_supported
+        from ..backends.tensorrt.logic import TrtVersion, check_supported
         try:
             check_supported(TrtVersion.parse(trt_version))
             checks.append(Check("tensorrt", OK, trt_version))
@@ -238,8 +237,8 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
 
 def onnx_model_check(model: Path) -> Check:
     """The given model loads in ONNX Runtime with its manifest and runs on a picture."""
-    from .backends import open_backend
-    from .errors import StreamdError
+    from ..backends import open_backend
+    from ..errors import StreamdError
 
     try:
         with open_backend(model, "onnxruntime", device="cpu", warmup=False) as b:
@@ -267,14 +266,3 @@ def run_doctor(args: argparse.Namespace) -> int:
               + (f"; not installed: {', '.join(missing)}" if missing else ""))
     sys.stdout.flush()
     return 1 if failed else 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``streamd doctor`` to the ``streamd`` command's subparsers."""
-    d = subparsers.add_parser("doctor", help="check what this machine can run (ONNX Runtime, "
-                                             "OpenCV, TensorRT, GPU)")
-    d.add_argument("--model", metavar="ONNX", help="also load this exported model; with TensorRT and "
-                                                   "a GPU, build and compare an engine from it")
-    d.add_argument("--require-tensorrt", action="store_true",
-                   help="count a missing TensorRT, pycuda or GPU as a failure")
-    d.set_defaults(func=run_doctor)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, TextIO
 
 import zmq
 
-from . import protocol
+from .. import protocol
 
 _COLUMNS = (
     # (header, right-aligned)

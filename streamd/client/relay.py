@@ -12,22 +12,17 @@ pair; downstream, it is a CURVE server with its own allowed-clients folder.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any, Sequence
+from typing import Sequence
 
 import zmq
 
-from .errors import StreamdError
-from .publisher import endpoint_is_loopback
-from .security import (CurveKeys, KeyFileError, ServerSecurity, apply_client, apply_server, load_allowed_keys,
-                       load_key_file, load_secret_key_file)
+from ..errors import StreamdError
+from ..security import (CurveKeys, KeyFileError, ServerSecurity, apply_client, apply_server, endpoint_is_loopback,
+                       load_allowed_keys, load_key_file, load_secret_key_file)
 
 log = logging.getLogger("streamd.relay")
 
@@ -178,66 +173,3 @@ class Relay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# ---- the command -------------------------------------------------------------------------------
-
-def _cmd_relay(args: argparse.Namespace) -> int:
-    from .cli import setup_logging
-    setup_logging(args.log_level)
-    upstreams = [Upstream(e) for e in args.from_ or []]
-    upstreams += [Upstream(e, Path(k)) for e, k in args.from_curve or []]
-    relay = Relay(args.listen, upstreams, allow_non_loopback=args.allow_non_loopback,
-                  server_secret_key=args.server_secret_key, allowed_clients_dir=args.allowed_clients_dir,
-                  client_key=args.client_key)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        relay.start()
-        while not stop.wait(0.5):
-            if not relay.is_alive():
-                break
-    finally:
-        relay.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if relay.error is not None:
-        print(f"streamd: error: relay failed: {relay.error}", file=sys.stderr)
-        return 1
-    log.info("relay stopped cleanly")
-    return 0
-
-
-def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
-    r = subparsers.add_parser("relay", help="forward several daemons' messages on one endpoint")
-    r.add_argument("--listen", required=True, metavar="ENDPOINT",
-                   help="where subscribers connect, e.g. tcp://127.0.0.1:5600")
-    r.add_argument("--from", dest="from_", action="append", metavar="ENDPOINT",
-                   help="an upstream daemon's PUB endpoint (repeatable)")
-    r.add_argument("--from-curve", action="append", nargs=2, metavar=("ENDPOINT", "SERVER_KEY"),
-                   help="an upstream daemon using CURVE, with its public key file (repeatable; "
-                        "needs --client-key)")
-    r.add_argument("--client-key", type=Path, metavar="FILE",
-                   help="the relay's own NAME.key_secret, listed in the CURVE daemons' allowed clients")
-    r.add_argument("--server-secret-key", type=Path, metavar="FILE",
-                   help="encrypt the subscriber side with this NAME.key_secret (needs --allowed-clients-dir)")
-    r.add_argument("--allowed-clients-dir", type=Path, metavar="DIR",
-                   help="public keys (*.key) of the subscribers allowed on the CURVE subscriber side")
-    r.add_argument("--allow-non-loopback", action="store_true",
-                   help="allow an unencrypted --listen address reachable from the network")
-    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    r.set_defaults(func=_cmd_relay)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs this command alone (``python -m streamd.relay --listen ... --from ...``)."""
-    from .cli import main as streamd_main
-    return streamd_main(["relay", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

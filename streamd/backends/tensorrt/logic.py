@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ManifestError
-from .manifest import ModelManifest
+from ...errors import ManifestError
+from ...manifest import ModelManifest
 
 # The name-based tensor API (num_io_tensors, set_input_shape, set_tensor_address,
 # execute_async_v3) appeared in 8.5; older versions are not supported.

@@ -3,8 +3,8 @@
 Importing this module imports neither tensorrt nor pycuda; both load when an engine is
 opened (or built), so a machine without them can still import streamd, list backends and
 read manifests. The decisions (is this plan loadable here, profile and batch choice,
-buffer sizes, build flags per TensorRT version) live in ``streamd.trt_logic`` as plain
-functions; this module only applies them.
+buffer sizes, build flags per TensorRT version) live in ``logic`` beside this module as
+plain functions; this module only applies them.
 
 Loading, in order:
 1. the manifest is read and the plan is checked against it *before* TensorRT sees a byte:
@@ -47,10 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, ManifestError, ModelError
-from ..manifest import ModelManifest, sha256_file, sidecar_path
-from ..preprocess import PAD_VALUE
-from ..trt_logic import (
+from ...errors import BackendError, ManifestError, ModelError
+from ...manifest import PAD_VALUE, ModelManifest, sha256_file, sidecar_path
+from .logic import (
     BUILD_CC,
     BUILD_FLAGS,
     BUILD_GPU,
@@ -86,7 +85,7 @@ from ..trt_logic import (
     resolve_shape,
     trt_dtype_name,
 )
-from .base import Backend, ModelInfo
+from ..base import Backend, ModelInfo
 
 log = logging.getLogger("streamd.backend.tensorrt")
 

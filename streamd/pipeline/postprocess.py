@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .entities import Detection
-from .manifest import LAYOUT_END2END, LAYOUT_RAW
+from ..entities import Detection
+from ..manifest import LAYOUT_END2END, LAYOUT_RAW
 from .preprocess import Letterbox
 
 MAX_NMS_CANDIDATES = 30000   # Ultralytics' max_nms: cap the sort on pathological outputs

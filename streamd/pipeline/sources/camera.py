@@ -23,10 +23,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..config import CameraConfig, SourceDefaults
-from ..entities import Frame
+from ...config import CameraConfig, SourceDefaults
+from ...entities import Frame
 from ..queues import RingQueue
-from ..redact import scrub
+from ...redact import scrub
 from .rtsp_probe import diagnose
 
 log = logging.getLogger("streamd.source")

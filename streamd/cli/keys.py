@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .security import generate_key_files
+from ..security import generate_key_files
+from .common import run_alone
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -34,9 +35,8 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs this command alone (``python -m streamd.keys_cli generate NAME``)."""
-    from .cli import main as streamd_main
-    return streamd_main(["keys", *(sys.argv[1:] if argv is None else argv)])
+    """Runs this command alone (``python -m streamd.cli.keys generate NAME``)."""
+    return run_alone("keys", register, argv)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import CAMERA_ID, RequestsConfig
-from .entities import Detection, Frame
-from .errors import PublishError
+from ..config import CAMERA_ID, RequestsConfig
+# as_frame is defined with the records so the scheduler needs nothing from the service layer.
+from ..entities import Detection, as_frame  # noqa: F401
+from ..errors import PublishError
+from ..pipeline.postprocess import PostprocessParams
 from .metrics import Counter, Histogram, LATENCY_BUCKETS, MetricFamily
-from .postprocess import PostprocessParams
 
 log = logging.getLogger("streamd.requests")
 
@@ -114,10 +115,6 @@ class RequestQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
-
-
-def as_frame(req: Request) -> Frame:
-    return Frame("", 0, req.received_ts, req.received_mono, req.image, request=req)
 
 
 class RequestMetrics:

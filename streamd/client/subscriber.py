@@ -16,8 +16,8 @@ from typing import Any, Iterator, TextIO
 
 import zmq
 
-from . import protocol
-from .security import CurveKeys, KeyFileError, apply_client, load_key_file, load_secret_key_file
+from .. import protocol
+from ..security import CurveKeys, KeyFileError, apply_client, load_key_file, load_secret_key_file
 
 
 @dataclass

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-PAD_VALUE = 114
+# Defined with the model's input contract; still importable from here for letterbox users.
+from ..manifest import PAD_VALUE
 
 
 @dataclass(frozen=True, slots=True)

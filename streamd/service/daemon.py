@@ -17,19 +17,19 @@ from typing import Any
 
 import cv2
 
-from .backends import backend_for
-from .backends.pool import BackendPool, open_pool
-from .config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
-from .entities import Frame, FrameResult
-from .errors import ConfigError, StreamdError
+from ..backends import backend_for
+from ..backends.pool import BackendPool, open_pool
+from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
+from ..entities import Frame, FrameResult
+from ..errors import ConfigError, StreamdError
+from ..outputs.zmq_publisher import Publisher
+from ..pipeline.postprocess import PostprocessParams
+from ..pipeline.queues import QueueSet
+from ..pipeline.scheduler import Pipeline
+from ..pipeline.sources.camera import CameraSource, configure_ffmpeg_defaults
 from .metrics import MetricsServer, PipelineMetrics, build_registry
-from .postprocess import PostprocessParams
-from .publisher import Publisher
-from .queues import QueueSet
 from .requests import RequestServer
-from .scheduler import Pipeline
-from .service import Notifier, Watchdog
-from .sources.camera import CameraSource, configure_ffmpeg_defaults
+from .systemd import Notifier, Watchdog
 
 log = logging.getLogger("streamd.daemon")
 

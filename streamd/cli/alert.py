@@ -1,0 +1,54 @@
+"""``streamd alert -c RULES.yaml``: the arguments of ``streamd.alert``'s subscriber loop.
+
+Standard output carries only event JSON lines, so logs go to standard error here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..redact import ScrubbingFormatter
+from .common import run_alone
+
+
+def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
+    """Add the ``alert`` subcommand to the ``streamd`` command's subparsers."""
+    p = subparsers.add_parser("alert", help="raise alerts from a daemon's detections by rules",
+                              description="Subscribe to a streamd daemon and raise alerts by the rules "
+                                          "in RULES.yaml (see configs/alerts.example.yaml).")
+    p.add_argument("-c", "--config", required=True, metavar="RULES.yaml", help="alert rules file")
+    p.add_argument("--endpoint", help="daemon's publisher endpoint (default: endpoint: in the rules file)")
+    p.add_argument("--snapshots", metavar="DIR",
+                   help="save an annotated JPEG per alert to DIR/<camera>/<time>-<rule>.jpg "
+                        "(default: snapshots_dir: in the rules file)")
+    p.add_argument("--server-key", type=Path, metavar="FILE",
+                   help="CURVE: the daemon's public key file (NAME.key); needs --client-key")
+    p.add_argument("--client-key", type=Path, metavar="FILE",
+                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.set_defaults(func=_cmd_alert)
+
+
+def _cmd_alert(args: argparse.Namespace) -> int:
+    from ..alert.cli import run_alert
+    _setup_logging(args.log_level)
+    return run_alert(args.config, endpoint=args.endpoint,
+                     snapshots_dir=Path(args.snapshots) if args.snapshots else None,
+                     server_key=args.server_key, client_key=args.client_key)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)   # stdout belongs to the event lines
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m streamd.alert``: the same command without the ``streamd`` front end."""
+    return run_alone("alert", register, argv)

@@ -1,0 +1,47 @@
+"""What every ``streamd`` subcommand shares: logging set-up and the error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable
+
+from .. import __version__
+from ..errors import StreamdError
+from ..redact import ScrubbingFormatter, scrub
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    # key=value fields after the message keep logs greppable by camera under journald.
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def new_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction[Any]"]:
+    """The ``streamd`` parser with an empty set of subcommands."""
+    p = argparse.ArgumentParser(prog="streamd", description="Multi-camera YOLOv8 detections on ZeroMQ")
+    p.add_argument("--version", action="version", version=f"streamd {__version__}")
+    return p, p.add_subparsers(dest="command", required=True)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; a StreamdError is one line and status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StreamdError as exc:
+        print(f"streamd: error: {scrub(str(exc))}", file=sys.stderr)
+        return 2
+
+
+def run_alone(command: str, register: Callable[["argparse._SubParsersAction[Any]"], None],
+              argv: list[str] | None) -> int:
+    """Runs one subcommand as ``streamd COMMAND ...`` would, without loading the others
+    (``python -m streamd.cli.relay ...``)."""
+    parser, sub = new_parser()
+    register(sub)
+    return run_command(parser, [command, *(sys.argv[1:] if argv is None else argv)])

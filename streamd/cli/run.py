@@ -1,0 +1,46 @@
+"""``streamd run`` (the daemon) and ``streamd check`` (validate a config, optionally load its model)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import setup_logging
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    cfg = load_config(args.config)
+    if args.load_model:
+        from ..backends import open_backend
+        with open_backend(cfg.model.path, cfg.model.backend, device=cfg.model.device, warmup=False) as b:
+            print(f"model: {b.info.describe()}")
+    print(f"{args.config}: OK ({len(cfg.cameras)} cameras, model {cfg.model.path.name}, "
+          f"publisher {cfg.publisher.endpoint})")
+    for cam in cfg.cameras:
+        print(f"  {cam.id}: {cam.kind} {cam.safe_url}" + ("" if cam.enabled else " (disabled)"))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..service.daemon import Daemon
+    from ..service.systemd import Notifier
+    cfg = load_config(args.config)
+    setup_logging(args.log_level or cfg.log.level)
+    notifier = Notifier()
+    notifier.status("loading model")
+    daemon = Daemon(cfg, args.config)
+    return daemon.run(notifier=notifier)
+
+
+def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
+    r = subparsers.add_parser("run", help="run the daemon")
+    r.add_argument("-c", "--config", required=True, help="YAML config file")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=_cmd_run)
+
+    c = subparsers.add_parser("check", help="validate a config file and exit")
+    c.add_argument("-c", "--config", required=True)
+    c.add_argument("--load-model", action="store_true", help="also load the model once")
+    c.set_defaults(func=_cmd_check)

@@ -1,0 +1,1 @@
+"""What leaves the box: the ZeroMQ PUB socket (``zmq_publisher``)."""
