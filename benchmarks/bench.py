@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib.util
 import json
 import math
@@ -60,6 +59,7 @@ sys.path.insert(0, str(REPO))
 from streamd import protocol  # noqa: E402
 from streamd.client.subscriber import subscribe  # noqa: E402
 from streamd.config import SchedulerConfig  # noqa: E402
+from streamd.manifest import sha256_file  # noqa: E402
 
 ENGINES = REPO / "engines"
 CACHE = REPO / ".cache"
@@ -164,14 +164,6 @@ def tail(path: Path, chars: int = 2000) -> str:
 
 
 # ---- models ------------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
 
 def sample_weights() -> Path:
     return load_tool("fetch_sample_model").fetch(DEFAULT_PT)

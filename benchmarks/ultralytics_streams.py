@@ -24,7 +24,6 @@ deadline, 4 stdin closed, 1 other failures.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -35,17 +34,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streamd.manifest import sha256_file  # noqa: E402  (the daemon's own; no torch needed)
+
 EXIT_NO_ULTRALYTICS = 2
 EXIT_DEADLINE = 3
 EXIT_PARENT_GONE = 4
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export(pt: Path, imgsz: int, out: Path) -> int:

@@ -19,16 +19,11 @@ from streamd.backends import open_backend
 from streamd.backends.base import Backend
 from streamd.backends.pool import BackendPool, Layout, build_pool, candidate_layouts, default_layout
 from streamd.config import SchedulerConfig
-from streamd.entities import Frame, FrameResult
 from streamd.pipeline.postprocess import PostprocessParams
 from streamd.pipeline.queues import RingQueue
 from streamd.pipeline.scheduler import InferenceTime, Pipeline
 from tests.fixtures_daemon import wait_until
-
-
-def frame(cam: str, n: int, age_s: float = 0.0, size: tuple[int, int] = (64, 48)) -> Frame:
-    img = np.full((size[1], size[0], 3), n % 255, np.uint8)
-    return Frame(cam, n, time.time() - age_s, time.monotonic() - age_s, img)
+from tests.test_scheduler import Sink, frame
 
 
 class GatedBackend(Backend):
@@ -54,20 +49,6 @@ class GatedBackend(Backend):
 
     def close(self) -> None:
         self.gate.set()
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[list[FrameResult]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, results: list[FrameResult], frames: list[Frame]) -> None:
-        with self.lock:
-            self.batches.append(results)
-
-    def frames(self) -> list[FrameResult]:
-        with self.lock:
-            return [r for b in self.batches for r in b]
 
 
 @pytest.fixture
