@@ -257,7 +257,14 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             if not p.is_absolute() and base_dir is not None:
                 p = base_dir / p
             if not p.exists():
-                raise ConfigError(f"video file not found: {p}", source=source,
+                # "192.0.2.11:554/stream1" or "cam.local/h264" is a camera address without
+                # its scheme far more often than a file name: say which it looks like.
+                looks_like_host = "@" in path or re.match(r"^[\w.-]+:\d+(/|$)", path) \
+                    or re.match(r"^\d{1,3}(\.\d{1,3}){3}(/|$)", path)
+                why = (f"no scheme: write {redact_url('rtsp://' + path)} (or http://) for a camera; "
+                       f"no video file of that name exists either") if looks_like_host \
+                    else f"video file not found: {p}"
+                raise ConfigError(why, source=source,
                                   field=f"cameras[{i}].url", line=line_for(("cameras", i, "url"), lines))
             cfg.cameras[i] = cam.model_copy(update={"url": str(p)})
     for cam in cfg.cameras:

@@ -73,6 +73,10 @@ def test_good_config_loads_and_expands_env(tmp_path: Path, model_file: Path) -> 
      "greater than 0"),
     ("model:\n  path: m.onnx\ncameras:\n  - id: a\n    url: clip-that-is-not-there.mp4\n", "cameras[0].url", 5,
      "video file not found"),
+    ("model:\n  path: m.onnx\ncameras:\n  - id: a\n    url: 192.0.2.11:554/stream1\n", "cameras[0].url", 5,
+     "no scheme: write rtsp://192.0.2.11:554/stream1"),
+    ("model:\n  path: m.onnx\ncameras:\n  - id: a\n    url: 192.0.2.11/h264\n", "cameras[0].url", 5,
+     "no scheme"),
     ("model:\n  path: m.onnx\npublisher:\n  endpoint: 127.0.0.1:5555\n", "publisher.endpoint", 4, "tcp://"),
     ("model:\n  path: m.onnx\ncameras:\n  - id: a\n    url: usb:x\n", "cameras[0].url", 5, "usb:N"),
 ])
@@ -144,3 +148,12 @@ def test_example_config_in_the_repo_is_valid() -> None:
     assert [c.id for c in cfg.cameras] == ["door", "yard", "replay", "desk"]
     assert cfg.model.path.name == "fall-yolov8s.onnx"
     assert cfg.cameras[3].kind == "usb"
+
+
+def test_a_scheme_less_camera_address_with_credentials_is_named_without_them(tmp_path: Path,
+                                                                            model_file: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  path: {model_file}\ncameras:\n  - id: a\n    url: viewer:hunter22@192.0.2.11/h264\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert "no scheme" in str(info.value) and "hunter22" not in str(info.value)

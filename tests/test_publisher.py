@@ -183,3 +183,9 @@ def test_a_detection_older_than_the_bound_at_the_socket_is_not_sent() -> None:
         sub.close()
     assert [m["frame"] for m in sub.of("detections")] == [2]
     assert stale == ["a"] and pub.stale == 1
+
+
+def test_sub_exits_non_zero_when_nothing_arrived(capsys) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"        # nobody publishes there
+    assert run_sub(endpoint, None, False, None, 0.5, io.StringIO()) == 1
+    assert f"no message from {endpoint}" in capsys.readouterr().err

@@ -226,3 +226,44 @@ def test_metrics_endpoint_agrees_with_what_a_subscriber_counted(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
         assert r.status == 200
     assert d.stop() == 0
+
+
+def test_a_decoder_thread_that_dies_of_a_bug_is_restarted_with_its_counters(
+        yolov8n_onnx_320: Path, test_media, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug inside a decoder thread (not a camera fault, which the thread handles itself)
+    kills the thread; the supervisor notices, says so, and starts a new one on the same
+    queue with the same counters, and the camera's frames flow again."""
+    from streamd.pipeline.sources.camera import CameraSource
+    cfg_path = tmp_path / "streamd.yaml"
+    cfg = base_config(yolov8n_onnx_320, [{"id": "a", "url": str(test_media["bus"].mp4), "loop": True}])
+    cfg["metrics"] = {"enabled": False}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    real_stream = CameraSource._stream
+    calls = {"n": 0}
+
+    def stream_with_a_bug(self: CameraSource, cap: Any) -> tuple[str, str, bool]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the decoder loop")
+        return real_stream(self, cap)
+
+    monkeypatch.setattr(CameraSource, "_stream", stream_with_a_bug)
+    daemon = Daemon(load_config(cfg_path), cfg_path)
+    daemon.start()
+    try:
+        first = daemon.cameras["a"]
+        wait_until(lambda: first.error is not None and not first.is_alive(), 30, what="the thread to die")
+        reconnects_before = first.stats.reconnects
+
+        def restarted_and_inferring() -> bool:
+            daemon.supervise_once()
+            cam = daemon.cameras["a"]
+            return cam is not first and cam.is_alive() and daemon.pipeline.inferred_per_camera.get("a", 0) > 0
+
+        wait_until(restarted_and_inferring, 60, what="a new decoder thread and inferred frames")
+        second = daemon.cameras["a"]
+        assert second.stats is first.stats and second.stats.reconnects == reconnects_before + 1
+        assert second.queue is first.queue
+    finally:
+        daemon.request_stop("test over")
+        daemon.shutdown()

@@ -152,7 +152,9 @@ def run_sub(endpoint: str, cameras: list[str] | None, as_json: bool, count: int 
             server_key: Path | None = None, client_key: Path | None = None) -> int:
     gaps = GapTracker(per_camera=bool(cameras))
     n = 0
+    received = 0
     for topic, body in subscribe(endpoint, cameras, timeout_s, server_key=server_key, client_key=client_key):
+        received += 1
         if snapshot_dir is not None and "_snapshot" in body:
             save_snapshot(body, snapshot_dir)
         snapshot = body.pop("_snapshot", None)
@@ -171,4 +173,9 @@ def run_sub(endpoint: str, cameras: list[str] | None, as_json: bool, count: int 
                 break
     if gaps.missing:
         print(f"!! {gaps.missing} message(s) missed in total", file=out, flush=True)
+    if not received and timeout_s is not None:
+        # Like `streamd status`: a script must be able to tell "nothing came" from success.
+        print(f"no message from {endpoint} within {timeout_s:g} s: is streamd running there?",
+              file=sys.stderr, flush=True)
+        return 1
     return 0

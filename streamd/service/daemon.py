@@ -9,6 +9,7 @@ follows the data flow, so everything accepted before the stop is still published
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -26,7 +27,8 @@ from ..outputs.zmq_publisher import Publisher
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.queues import QueueSet
 from ..pipeline.scheduler import Pipeline
-from ..pipeline.sources.camera import CameraSource, configure_ffmpeg_defaults
+from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
+from ..redact import scrub
 from .metrics import MetricsServer, PipelineMetrics, build_registry
 from .requests import RequestServer
 from .systemd import Notifier, Watchdog
@@ -87,6 +89,8 @@ class Daemon:
         self.cameras: dict[str, CameraSource] = {}
         self.queues = QueueSet()
         self._last_snapshot: dict[str, float] = {}
+        self._camera_restarts: dict[str, tuple[int, float]] = {}   # id -> (restarts, not before)
+        self._rng = random.Random()
         self.reloads = {"ok": 0, "failed": 0}
         # A stage silent this long is hung: inference of one batch never legitimately takes it.
         self.watchdog_stall_s = 60.0
@@ -175,10 +179,32 @@ class Daemon:
         self.cameras[cam_cfg.id] = src
         src.start()
 
+    def _restart_dead_camera(self, cam_id: str, dead: CameraSource, now: float) -> None:
+        """A decoder thread that died of a bug (not a camera fault: those it handles itself)
+        is replaced, with the same queue and counters, after a capped backoff so a bug that
+        strikes at once cannot spin."""
+        attempts, not_before = self._camera_restarts.get(cam_id, (0, 0.0))
+        if now < not_before:
+            return
+        if now > not_before + 10 * self.cfg.sources.backoff_max_s:
+            attempts = 0            # the last restart held for a long while: start the backoff afresh
+        err = dead.error
+        log.warning("camera=%s decoder thread died (%s); restarting it", cam_id,
+                    scrub(f"{type(err).__name__}: {err}"))
+        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.publisher.publish_health)
+        src.stats = dead.stats          # counters stay monotonic for metrics
+        src.stats.reconnects += 1
+        self.cameras[cam_id] = src
+        delay = backoff_delay(attempts, self.cfg.sources.backoff_initial_s, self.cfg.sources.backoff_max_s,
+                              self._rng)
+        self._camera_restarts[cam_id] = (attempts + 1, now + delay)
+        src.start()
+
     def _stop_camera(self, cam_id: str, reason: str) -> None:
         src = self.cameras.pop(cam_id, None)
         self.queues.remove(cam_id)
         self._last_snapshot.pop(cam_id, None)
+        self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
         src.stop(reason)
@@ -213,8 +239,10 @@ class Daemon:
     def supervise_once(self) -> None:
         """One round of supervision; raises if a stage thread died (systemd restarts us)."""
         now = time.monotonic()
-        for cam in list(self.cameras.values()):
+        for cam_id, cam in list(self.cameras.items()):
             cam.check_stall(now)
+            if cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set():
+                self._restart_dead_camera(cam_id, cam, now)
         err = self.pipeline.first_error() or self.publisher.error or \
             (self.request_server.error if self.request_server is not None else None)
         if err is not None:
