@@ -1,10 +1,11 @@
 """Cross-camera batching onto a pool of inference workers, and one postprocess thread.
 
     worker threads     one per backend in the pool. A worker that is free closes its next
-      (N of them)      batch right then (late binding): round-robin over the cameras' ring
-                       queues, newest frames, one frame per camera per pass, frames of one
-                       input shape, and only as many as can still be published inside the
-                       frame-age bound; then it letterboxes into its own buffer and infers.
+      (N of them)      batch right then (late binding) by the policy in ``batching``:
+                       round-robin over the cameras' ring queues, newest frames, one frame
+                       per camera per pass, frames of one input shape, and only as many as
+                       can still be published inside the frame-age bound; then it
+                       letterboxes into its own buffer and infers.
     post thread        decode + NMS, boxes back to frame pixels, the age bound checked once
                        more, results handed to the sink in the order batches were closed.
 
@@ -29,9 +30,10 @@ import numpy as np
 from ..backends.base import Backend
 from ..backends.pool import BackendPool
 from ..config import SchedulerConfig
-from ..entities import Frame, FrameResult, as_frame
+from ..entities import Frame, FrameResult
+from .batching import BatchPolicy, Draft, InferenceTime, Shape
 from .postprocess import PostprocessParams, postprocess
-from .preprocess import BatchBuffer, Letterbox, net_shape_for
+from .preprocess import BatchBuffer, Letterbox
 from .queues import QueueSet, RingQueue
 
 log = logging.getLogger("streamd.scheduler")
@@ -39,8 +41,6 @@ log = logging.getLogger("streamd.scheduler")
 _POLL_S = 0.1          # every wait in these threads wakes at least this often to see its stop Event
 _MAX_SHAPES = 8        # letterbox buffers kept per worker (one per input shape in use)
 _HANDOVER_S = 0.01     # kept from the age bound for the publisher's thread to send
-
-Shape = tuple[int, int]   # (net_h, net_w)
 
 
 @dataclass
@@ -75,42 +75,6 @@ class SchedulerStats:
 
 
 ResultSink = Callable[[list[FrameResult], list[Frame]], None]   # results and their frames
-
-
-class InferenceTime:
-    """Predicts a batch's inference time as ``k * images * pixels``, with ``k`` smoothed over
-    the batches seen plus twice its smoothed deviation (the way TCP sizes its retransmit
-    timer), so the prediction is one a batch rarely exceeds: a batch that runs longer than
-    predicted finishes past the age bound and its frames are inferred for nothing. Linear
-    in the batch size, which is right on a CPU and errs on the long side on a GPU (where
-    bigger batches cost less per image): batches then close a little early, never late."""
-
-    def __init__(self, seconds_per_image: float | None = None, pixels: int = 0) -> None:
-        self._k = seconds_per_image / pixels if seconds_per_image and pixels else 0.0
-        self._dev = 0.25 * self._k          # until measured: a quarter either way
-        self._lock = threading.Lock()
-
-    def estimate(self, n: int, shape: Shape) -> float:
-        return (self._k + 2.0 * self._dev) * n * shape[0] * shape[1]
-
-    def observe(self, n: int, shape: Shape, seconds: float) -> None:
-        k = seconds / max(1, n * shape[0] * shape[1])
-        with self._lock:
-            if not self._k:
-                self._k, self._dev = k, 0.25 * k
-            else:
-                self._dev = 0.75 * self._dev + 0.25 * abs(k - self._k)
-                self._k = 0.875 * self._k + 0.125 * k
-
-
-@dataclass
-class _Draft:
-    """A batch being closed: what it holds and the latest moment it may finish."""
-
-    frames: list[Frame] = field(default_factory=list)
-    shape: Shape | None = None
-    finish_by: float = float("inf")      # monotonic; the tightest camera frame's age bound
-    full: bool = False                   # the age budget admits no further frame
 
 
 class _Worker(threading.Thread):
@@ -161,14 +125,12 @@ class Pipeline:
         self.requests = requests            # streamd.service.requests.RequestQueue, or None
         self.request_share = request_share
         self.ready = self.queues.ready
-        self._rr_next = 0
         self._tickets = itertools.count()
-        self._share_req = self._share_cam = 0.0   # recent slots of contended batches, by side
         self._dynamic_hw = info.dynamic_hw
-        self._stride = info.stride
         h, w = info.input_hw
         self.timing = InferenceTime(self.pool.seconds_per_image, h * w)
-        self._post_s = 0.0                   # smoothed postprocess time of one batch
+        self.policy = BatchPolicy(self.queues, requests, request_share, self.max_batch, info, self.timing,
+                                  self._dropped_at_take)
         self._bound_warned = False
         self.stats = SchedulerStats()
         self.inferred_per_camera: dict[str, int] = {}
@@ -190,6 +152,10 @@ class Pipeline:
     def queue_depths(self) -> dict[str, int]:
         return self.queues.depths()
 
+    def _dropped_at_take(self, camera_id: str, cause: str) -> None:
+        self.stats.too_old_at_take += 1
+        self.on_frame_dropped(camera_id, cause)
+
     # ---- the age bound ----------------------------------------------------------------------
     def age_bound_s(self) -> float:
         """Oldest a camera frame may be when its detections are published: the configured
@@ -197,7 +163,7 @@ class Pipeline:
         twice one inference (said once in the log), so a slow box still publishes."""
         bound = self.cfg.max_frame_age_ms / 1000.0
         h, w = self.info.input_hw
-        one = 2.0 * (self.timing.estimate(1, (h, w)) + self._post_s)
+        one = 2.0 * (self.timing.estimate(1, (h, w)) + self.policy.post_s)
         if one > bound:
             if not self._bound_warned:
                 self._bound_warned = True
@@ -251,135 +217,18 @@ class Pipeline:
 
     # ---- closing a batch (caller holds self.ready) --------------------------------------------
     def net_shape(self, frame: Frame) -> Shape:
-        """The input shape ``frame`` is inferred at: its own aspect on a model that takes any
-        H x W, else the model's one size."""
-        if not self._dynamic_hw:
-            return self.info.input_hw
-        w, h = frame.size
-        return net_shape_for(w, h, self.info.input_hw, self._stride)
-
-    def _admit(self, d: _Draft, frame: Frame, now: float, bound: float) -> str:
-        """'take', 'drop' (too old to be published in time even alone), 'skip' (another
-        shape: left for another batch) or 'full' (would make the batch finish too late)."""
-        shape = self.net_shape(frame)
-        if d.shape is not None and shape != d.shape:
-            return "skip"
-        finish_by = d.finish_by if frame.request is not None else min(d.finish_by, frame.capture_mono + bound)
-        done = now + self.timing.estimate(len(d.frames) + 1, shape) + self._post_s
-        if done <= finish_by:
-            return "take"
-        if frame.request is None and frame.capture_mono + bound < now + self.timing.estimate(1, shape) + self._post_s:
-            return "drop"
-        if not d.frames:
-            return "take"        # a batch of one the estimate doubts: inferring beats waiting
-        return "full"
-
-    def _add(self, d: _Draft, frame: Frame, bound: float) -> None:
-        if d.shape is None:
-            d.shape = self.net_shape(frame)
-        if frame.request is None:
-            d.finish_by = min(d.finish_by, frame.capture_mono + bound)
-        d.frames.append(frame)
-
-    def _take_round_robin(self, d: _Draft, want: int, now: float, bound: float) -> None:
-        """Take up to ``want`` frames, one per camera per pass, starting after the camera
-        that went first last time, so no camera can crowd out the others."""
-        order = self.queues.order
-        if not order:
-            return
-        start = self._rr_next % len(order)
-        taken = 0
-        progressed = True
-        while taken < want and progressed and not d.full:
-            progressed = False
-            for k in range(len(order)):
-                if taken >= want or d.full:
-                    break
-                cam = order[(start + k) % len(order)]
-                q = self.queues.get(cam)
-                while q is not None:
-                    frame = q.peek_locked()
-                    if frame is None:
-                        break
-                    verdict = self._admit(d, frame, now, bound)
-                    if verdict == "skip":
-                        break
-                    if verdict == "full":
-                        d.full = True
-                        break
-                    q.pop_locked(now)
-                    if verdict == "drop":
-                        self.stats.too_old_at_take += 1
-                        self.on_frame_dropped(cam, "too_old")
-                        continue
-                    self._add(d, frame, bound)
-                    taken += 1
-                    progressed = True
-                    self._rr_next = (start + k + 1) % len(order)
-                    break
-
-    def _take_requests(self, d: _Draft, want: int, now: float, bound: float) -> None:
-        while want > 0 and not d.full:
-            req = self.requests.peek_locked()
-            if req is None:
-                return
-            verdict = self._admit(d, as_frame(req), now, bound)
-            if verdict == "skip":
-                return
-            if verdict == "full":
-                d.full = True
-                return
-            self.requests.pop_locked()
-            req.started_mono = now
-            self._add(d, as_frame(req), bound)
-            want -= 1
-
-    def _take(self, d: _Draft, now: float, bound: float) -> None:
-        """Fill the free slots. While both wait, requests get ``request_share`` of the slots
-        (at least one per batch they lead) and cameras the rest, so neither can starve the
-        other; whatever one side leaves unused, the other may take. A batch holds one input
-        shape, so when a request's picture and the cameras differ in shape, whole batches
-        alternate between them in the same proportion."""
-        want = self.max_batch - len(d.frames)
-        reqs = self.requests
-        if reqs is None or not len(reqs):
-            self._take_round_robin(d, want, now, bound)
-            return
-        cameras_waiting = any(len(q) for q in (self.queues.get(c) for c in self.queues.order) if q)
-        if not cameras_waiting:
-            self._take_requests(d, want, now, bound)
-            return
-        reserve = max(1, round(self.request_share * self.max_batch))
-        start = len(d.frames)
-        requests_lead = d.frames[0].request is not None if d.frames else \
-            self._share_req <= self.request_share * (self._share_req + self._share_cam)
-        if requests_lead:
-            self._take_requests(d, min(want, reserve), now, bound)
-            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
-        else:
-            self._take_round_robin(d, max(1, want - reserve), now, bound)
-            self._take_requests(d, want - (len(d.frames) - start), now, bound)
-            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
-        self._take_requests(d, want - (len(d.frames) - start), now, bound)
-
-    def _note_share(self, d: _Draft) -> None:
-        """Remember (with a fading memory) how the slots of batches went while both sides waited."""
-        n_req = sum(1 for f in d.frames if f.request is not None)
-        if self.requests is None or (n_req == 0 and not len(self.requests)):
-            return
-        self._share_req = 0.9 * self._share_req + n_req
-        self._share_cam = 0.9 * self._share_cam + len(d.frames) - n_req
+        return self.policy.net_shape(frame)
 
     def _close_batch(self, stop: threading.Event, worker: int) -> Batch | None:
         """Wait for frames, then close a batch: when it is full, when the age budget admits
         no more, or ``max_wait_ms`` after its first frame. Runs when this worker is free."""
-        d = _Draft()
+        d = Draft()
         deadline: float | None = None
         bound = self.age_bound_s()
         with self.ready:
             while not stop.is_set():
                 now = time.monotonic()
-                self._take(d, now, bound)
+                self.policy.take(d, now, bound)
                 if len(d.frames) >= self.max_batch or d.full:
                     break
                 if d.frames and deadline is None:
@@ -392,7 +241,7 @@ class Pipeline:
             # Tickets are handed out under the lock, in the order batches close: the post
             # thread publishes in this order, so a camera's frames never overtake each other.
             ticket = next(self._tickets)
-            self._note_share(d)
+            self.policy.note_share(d)
         assert d.shape is not None
         return Batch(ticket, worker, d.frames, d.shape, time.monotonic())
 
@@ -497,7 +346,8 @@ class Pipeline:
         dets = self._postprocess(batch)
         t1 = time.monotonic()
         self.stats.post_s_total += t1 - t0
-        self._post_s = (t1 - t0) if not self._post_s else 0.8 * self._post_s + 0.2 * (t1 - t0)
+        p = self.policy
+        p.post_s = (t1 - t0) if not p.post_s else 0.8 * p.post_s + 0.2 * (t1 - t0)
         # Judged as the results leave for the publisher, with a few ms kept for its thread
         # to put them on the wire.
         bound = self.age_bound_s() - _HANDOVER_S
