@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..redact import ScrubbingFormatter
-from .common import run_alone
+from .common import add_curve_client_args, run_alone
 
 
 def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
@@ -25,10 +25,7 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--snapshots", metavar="DIR",
                    help="save an annotated JPEG per alert to DIR/<camera>/<time>-<rule>.jpg "
                         "(default: snapshots_dir: in the rules file)")
-    p.add_argument("--server-key", type=Path, metavar="FILE",
-                   help="CURVE: the daemon's public key file (NAME.key); needs --client-key")
-    p.add_argument("--client-key", type=Path, metavar="FILE",
-                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
+    add_curve_client_args(p, "daemon")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.set_defaults(func=_cmd_alert)
 

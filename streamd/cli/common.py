@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
@@ -19,6 +20,14 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def add_curve_client_args(p: argparse.ArgumentParser, server: str = "daemon") -> None:
+    """--server-key / --client-key, the same for every command that subscribes."""
+    p.add_argument("--server-key", type=Path, metavar="FILE",
+                   help=f"CURVE: the {server}'s public key file (NAME.key); needs --client-key")
+    p.add_argument("--client-key", type=Path, metavar="FILE",
+                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
 
 
 def new_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction[Any]"]:

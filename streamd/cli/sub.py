@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .common import add_curve_client_args
+
 
 def _cmd_sub(args: argparse.Namespace) -> int:
     from ..client.subscriber import run_sub
@@ -26,8 +28,5 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
     s.add_argument("--timeout", type=float, help="exit after this many seconds without a message")
     s.add_argument("--save-snapshots", metavar="DIR",
                    help="write each camera's latest snapshot, boxes drawn, to DIR/<camera>.jpg")
-    s.add_argument("--server-key", type=Path, metavar="FILE",
-                   help="CURVE: the publisher's public key file (NAME.key); needs --client-key")
-    s.add_argument("--client-key", type=Path, metavar="FILE",
-                   help="CURVE: this subscriber's secret key file (NAME.key_secret)")
+    add_curve_client_args(s, "publisher")
     s.set_defaults(func=_cmd_sub)

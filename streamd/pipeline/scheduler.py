@@ -113,7 +113,6 @@ class Pipeline:
                  sink: ResultSink, on_frame_dropped: Callable[[str, str], None] | None = None,
                  queues: QueueSet | None = None, requests: Any = None, request_share: float = 0.25) -> None:
         self.pool = backend if isinstance(backend, BackendPool) else BackendPool.of(backend)
-        self.backend = self.pool.backends[0]
         self.cfg = cfg
         self.params = params
         self.sink = sink
@@ -122,8 +121,6 @@ class Pipeline:
         self.info = info
         self.max_batch = min(cfg.max_batch, info.batch_max)
         self.queues = queues or QueueSet()
-        self.requests = requests            # streamd.service.requests.RequestQueue, or None
-        self.request_share = request_share
         self.ready = self.queues.ready
         self._tickets = itertools.count()
         self._dynamic_hw = info.dynamic_hw
