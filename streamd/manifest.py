@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
+from .fileio import write_atomic
 
 MANIFEST_FORMAT = 1
 
@@ -134,13 +134,7 @@ class ModelManifest:
     def write(self, model_path: str | os.PathLike[str]) -> Path:
         """Write atomically beside ``model_path`` (a reader never sees half a manifest)."""
         out = sidecar_path(model_path)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        # mkstemp creates the file owner-only; the daemon often runs as another user than
-        # the one who exported the model, and must be able to read the manifest.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        write_atomic(out, self.to_json())
         return out
 
     @classmethod

@@ -314,7 +314,7 @@ def test_agreement_below_the_threshold_fails_and_installs_nothing(fall_pt: Path,
 
 @pytest.mark.slow
 def test_engine_without_tensorrt_writes_the_onnx_and_names_the_step(yolov8n_pt: Path, tmp_path: Path) -> None:
-    from streamd.backends.tensorrt.runtime import tensorrt_version
+    from streamd.backends.tensorrt.probe import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here: --engine would build (tests/test_tensorrt_gpu.py)")

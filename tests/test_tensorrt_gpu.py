@@ -40,7 +40,7 @@ def _missing() -> str | None:
         import pycuda.driver  # noqa: F401
     except ImportError:
         return "pycuda is not installed (the TensorRT backend needs it)"
-    from streamd.backends.tensorrt.runtime import probe_gpu
+    from streamd.backends.tensorrt.probe import probe_gpu
 
     gpu, why = probe_gpu(0)
     if gpu is None:
@@ -107,7 +107,7 @@ def _dets(output: np.ndarray, names: dict[int, str], layout: str, lbs: list[Any]
 def test_engine_manifest_records_its_build(precision: str, engines: dict[str, Path]) -> None:
     import tensorrt as trt
 
-    from streamd.backends.tensorrt.runtime import probe_gpu
+    from streamd.backends.tensorrt.probe import probe_gpu
 
     engine = engines[precision]
     m = ModelManifest.read(engine)

@@ -3,13 +3,12 @@
 Nothing here imports TensorRT: versions, the plan compatibility rule, the engine manifest
 checks (a changed file, another TensorRT version, another GPU generation), profiles and
 batch choice, buffer sizing, build modes per TensorRT version, the decode-node rule on a
-real exported graph, the TensorRT backend refusing a tampered engine on this machine, and
-``streamd doctor`` on a machine without TensorRT.
+real exported graph, and the TensorRT backend refusing a tampered engine on this machine.
+(``streamd doctor`` is tested in test_doctor.py.)
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 import subprocess
@@ -23,31 +22,34 @@ import pytest
 from streamd.backends import backend_for, open_backend
 from streamd.backends.tensorrt.logic import (
     BUILD_HW_PROFILE,
-    BatchProfile,
     EngineRefused,
-    HwProfile,
     RuntimeFacts,
-    TensorSpec,
     TrtVersion,
     build_mode,
     check_engine,
-    check_io,
-    check_runtime_shape,
     check_source_onnx,
     check_supported,
+    head_prefix,
+    is_decode_node,
+    keep_float_in_int8,
+    parse_cc,
+    plan_incompatibility,
+)
+from streamd.backends.tensorrt.probe import tensorrt_version
+from streamd.backends.tensorrt.profiles import (
+    BatchProfile,
+    HwProfile,
+    TensorSpec,
+    check_io,
+    check_runtime_shape,
     choose_hw_profile,
     choose_profile,
     choose_run_batch,
-    head_prefix,
     hw_profile_for_network,
     hw_profile_from_shapes,
-    is_decode_node,
-    keep_float_in_int8,
     nbytes,
     numpy_dtype,
-    parse_cc,
     plan_buffers,
-    plan_incompatibility,
     profile_from_shapes,
     profile_shapes,
     resolve_shape,
@@ -558,8 +560,6 @@ def test_backend_refuses_cpu_device(tmp_path: Path) -> None:
 
 
 def test_backend_says_what_is_missing_for_an_intact_engine(tmp_path: Path) -> None:
-    from streamd.backends.tensorrt.runtime import tensorrt_version
-
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here; this checks the message where it is not")
     engine = write_engine(tmp_path)
@@ -569,76 +569,11 @@ def test_backend_says_what_is_missing_for_an_intact_engine(tmp_path: Path) -> No
 
 def test_importing_streamd_does_not_import_tensorrt_or_pycuda() -> None:
     code = ("import sys, streamd, streamd.backends, streamd.backends.tensorrt, streamd.backends.tensorrt.logic, "
-            "streamd.service.doctor, streamd.cli\n"
+            "streamd.backends.tensorrt.profiles, streamd.backends.tensorrt.probe, "
+            "streamd.backends.tensorrt.build, streamd.service.doctor, streamd.cli\n"
             "from streamd.backends import backend_for\nfrom pathlib import Path\n"
             "backend_for(Path('m.engine'))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-# ---------------------------------------------------------------------------------------
-# streamd doctor
-# ---------------------------------------------------------------------------------------
-def run_doctor(*argv: str) -> int:
-    from streamd.cli import doctor
-
-    parser = argparse.ArgumentParser(prog="streamd")
-    doctor.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["doctor", *argv])
-    return int(args.func(args))
-
-
-def test_opencv_build_information_is_read() -> None:
-    import cv2
-
-    from streamd.service.doctor import opencv_video_io
-
-    text = ("  Video I/O:\n    DC1394:                      NO\n    FFMPEG:                      YES\n"
-            "      avcodec:                   YES (59.37.100)\n    GStreamer:                   NO\n"
-            "    v4l/v4l2:                    YES (linux/videodev2.h)\n\n  Parallel framework:    pthreads\n")
-    assert opencv_video_io(text) == {"FFMPEG": True, "GStreamer": False}
-    # The installed OpenCV reads the test videos, so its build must say FFmpeg.
-    assert opencv_video_io(cv2.getBuildInformation())["FFMPEG"] is True
-
-
-def test_doctor_tiny_model_runs_like_a_raw_yolo_output(tmp_path: Path) -> None:
-    import onnxruntime as ort
-
-    from streamd.service.doctor import TINY_CLASSES, TINY_HW, tiny_onnx
-
-    path = tmp_path / "tiny.onnx"
-    tiny_onnx(path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((2, 3, *TINY_HW), dtype=np.float32)
-    (y,) = sess.run(None, {"images": x})
-    assert y.shape == (2, 4 + TINY_CLASSES, TINY_HW[0] * TINY_HW[1])
-    assert 0 < y.min() and y.max() < 1 and y.std() > 0.05     # a sigmoid of varied values
-
-
-def test_doctor_reports_a_cpu_machine_cleanly(capfd: pytest.CaptureFixture[str], fall_onnx_320: Path) -> None:
-    from streamd.backends.tensorrt.runtime import tensorrt_version
-
-    if tensorrt_version() is not None:
-        pytest.skip("TensorRT is installed here")
-    rc = run_doctor("--model", str(fall_onnx_320))
-    out = capfd.readouterr().out
-    assert rc == 0, out
-    assert "[ok  ] onnxruntime" in out and "CPUExecutionProvider" in out
-    assert "FFmpeg yes" in out
-    assert "[--  ] tensorrt         not installed" in out
-    assert "[ok  ] model" in out and "2 classes, 320x320" in out
-    assert "engine self-test skipped: needs TensorRT" in out
-    assert "everything checked works" in out and "Traceback" not in out
-    # The same machine fails when TensorRT is required.
-    assert run_doctor("--require-tensorrt") == 1
-    assert "not working: tensorrt" in capfd.readouterr().out
-
-
-def test_doctor_fails_on_a_broken_model(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"not a model")
-    assert run_doctor("--model", str(bad)) == 1
-    out = capfd.readouterr().out
-    assert "[FAIL] model" in out and "not working: model" in out

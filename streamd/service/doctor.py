@@ -3,9 +3,10 @@
 Reports Python and the platform, ONNX Runtime and its providers, OpenCV and whether it can
 decode cameras (FFmpeg, GStreamer), TensorRT, pycuda and the CUDA driver, and the GPU.
 Where TensorRT and a GPU are both present it proves them: builds a small engine (from
-``--model``, or from a tiny convolution network made in memory, no export needed), runs
-it through streamd's TensorRT backend and compares the output with ONNX Runtime's on a
-real picture.
+``--model``, or from a tiny convolution network made in memory with the onnx package, no
+export needed), runs it through streamd's TensorRT backend and compares the output with
+ONNX Runtime's on a real picture. A daemon-only install has no onnx package: there the
+self-test without ``--model`` is skipped, and the report says so and why.
 
 A component that is simply not installed (TensorRT on a CPU box) is reported, not failed,
 unless ``--require-tensorrt`` says it must be there. Exit status: 0 when everything that
@@ -15,6 +16,7 @@ could be checked works, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 import tempfile
@@ -89,8 +91,6 @@ def tiny_onnx(path: Path) -> None:
 
 def sample_batch(hw: tuple[int, int]) -> tuple[np.ndarray, str]:
     """One letterboxed real picture (Ultralytics' bus.jpg) or, without it, a gradient."""
-    import importlib.util
-
     import cv2
 
     from ..pipeline.preprocess import letterbox_batch
@@ -117,9 +117,12 @@ def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 
 def engine_selftest(model: Path | None, workdir: Path) -> Check:
     """Build an engine, load it with the TensorRT backend, compare with ONNX Runtime."""
-    from ..backends.tensorrt.runtime import TensorRTBackend, build_engine, probe_gpu, write_atomic
+    from ..backends.tensorrt.build import build_engine, engine_manifest
+    from ..backends.tensorrt.probe import probe_gpu
+    from ..backends.tensorrt.profiles import choose_profile
+    from ..backends.tensorrt.runtime import TensorRTBackend
+    from ..fileio import write_atomic
     from ..manifest import LAYOUT_RAW, ModelManifest, sha256_file
-    from ..backends.tensorrt.logic import BUILD_CC, BUILD_GPU, BUILD_ONNX_FILE, BUILD_ONNX_SHA, choose_profile
 
     gpu, why = probe_gpu(0)
     if gpu is None:
@@ -145,11 +148,8 @@ def engine_selftest(model: Path | None, workdir: Path) -> Check:
                            progress=lambda msg: None)
     engine_path = workdir / "selftest.engine"
     write_atomic(engine_path, outcome.plan)
-    ModelManifest(**{**base.__dict__, "model_file": engine_path.name,
-                     "model_sha256": sha256_file(engine_path), "model_format": "tensorrt",
-                     "build": {**base.build, **outcome.facts, BUILD_GPU: gpu.name,
-                               BUILD_CC: gpu.compute_capability, BUILD_ONNX_FILE: onnx_path.name,
-                               BUILD_ONNX_SHA: sha256_file(onnx_path)}}).write(engine_path)
+    engine_manifest(base, engine_path, outcome, gpu=gpu.name, compute_capability=gpu.compute_capability,
+                    onnx_file=onnx_path.name, onnx_sha256=sha256_file(onnx_path)).write(engine_path)
     x, picture = sample_batch(base.imgsz)
     want = _ort_run(onnx_path, x)
     with TensorRTBackend(engine_path, warmup=True) as backend:
@@ -163,6 +163,28 @@ def engine_selftest(model: Path | None, workdir: Path) -> Check:
                  f"{what} built ({base.precision}, TensorRT {outcome.facts['tensorrt']}), run on {picture}: "
                  f"max |TensorRT - ONNX Runtime| = {diff:.2e} (outputs up to {scale:.3g}; tolerance "
                  f"{tolerance:g} of that)")
+
+
+def onnx_package_problem() -> str | None:
+    """Why the ``onnx`` package cannot be imported here, or None. A daemon-only install
+    leaves it out (only the export tool needs it); the engine self-test needs it to make its
+    tiny network when no ``--model`` is given."""
+    try:
+        importlib.import_module("onnx")
+    except Exception as exc:   # not installed, or broken (e.g. a protobuf it cannot use)
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def selftest_needs(*, tensorrt: bool, pycuda: bool, gpu: bool, model: Path | None,
+                   onnx_problem: str | None) -> list[str]:
+    """What the engine self-test lacks on this machine (empty: it can run)."""
+    needs = [n for n, have in (("TensorRT", tensorrt), ("pycuda", pycuda), ("a GPU", gpu)) if not have]
+    if model is None and onnx_problem is not None:
+        needs.append(f"the onnx package to make its tiny test network, which cannot be imported "
+                     f"here ({onnx_problem}; a daemon-only install leaves it out): give --model "
+                     f"MODEL.onnx to test with an exported model, or pip install onnx")
+    return needs
 
 
 def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
@@ -184,7 +206,8 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
     except Exception as exc:
         checks.append(Check("opencv", FAIL, f"cannot be imported ({exc})"))
 
-    from ..backends.tensorrt.runtime import probe_gpu, tensorrt_version
+    from ..backends.tensorrt.logic import TrtVersion, check_supported
+    from ..backends.tensorrt.probe import cuda_driver, probe_gpu, tensorrt_version
 
     trt_version = tensorrt_version()
     if trt_version is None:
@@ -192,18 +215,14 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
                             "not installed (the .engine backend is unavailable; .onnx models run "
                             "with ONNX Runtime)"))
     else:
-        from ..backends.tensorrt.logic import TrtVersion, check_supported
         try:
             check_supported(TrtVersion.parse(trt_version))
             checks.append(Check("tensorrt", OK, trt_version))
         except ValueError as exc:
             checks.append(Check("tensorrt", FAIL, str(exc)))
     try:
-        import pycuda.driver as cuda
-        cuda.init()
-        drv = cuda.get_driver_version()
-        checks.append(Check("pycuda", OK, f"CUDA driver {drv // 1000}.{drv % 1000 // 10}, "
-                                          f"{cuda.Device.count()} device(s)"))
+        driver, devices = cuda_driver()
+        checks.append(Check("pycuda", OK, f"CUDA driver {driver}, {devices} device(s)"))
         have_pycuda = True
     except ImportError:
         checks.append(Check("pycuda", FAIL if require_tensorrt else MISSING,
@@ -220,7 +239,9 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
                                        f"{gpu.memory_mb} MiB, driver {gpu.driver} (via {gpu.via})"))
     if model is not None:
         checks.append(onnx_model_check(model))
-    if trt_version is not None and gpu is not None and have_pycuda:
+    needs = selftest_needs(tensorrt=trt_version is not None, pycuda=have_pycuda, gpu=gpu is not None,
+                           model=model, onnx_problem=onnx_package_problem() if model is None else None)
+    if not needs:
         try:
             with tempfile.TemporaryDirectory(prefix="streamd-doctor-") as tmp:
                 checks.append(engine_selftest(model, Path(tmp)))
@@ -228,9 +249,10 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             checks.append(Check("engine self-test", FAIL, f"{type(exc).__name__}: {first[:300]}"))
     else:
-        needs = [n for n, have in (("TensorRT", trt_version), ("pycuda", have_pycuda), ("a GPU", gpu))
-                 if not have]
-        checks.append(Check("engine self-test", FAIL if require_tensorrt else MISSING,
+        # Only a missing TensorRT, pycuda or GPU fails --require-tensorrt: without onnx the
+        # self-test is skipped, and --model runs it.
+        required = require_tensorrt and (trt_version is None or not have_pycuda or gpu is None)
+        checks.append(Check("engine self-test", FAIL if required else MISSING,
                             f"skipped: needs {', '.join(needs)}"))
     return checks
 

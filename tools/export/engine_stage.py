@@ -5,12 +5,12 @@ flavour) is already in the output folder when TensorRT is missing: a CPU machine
 everything it can make and a message naming the one step that needs a GPU
 (``EngineUnavailable``, exit status 3).
 
-The build itself is ``streamd.backends.tensorrt.runtime.build_engine`` (shared with the daemon's
+The build itself is ``streamd.backends.tensorrt.build.build_engine`` (shared with the daemon's
 rebuild and ``streamd doctor``); this stage picks its inputs, shows progress, and writes
 ``NAME.engine`` as a plain plan file (readable by trtexec and Triton, no header) with its
 manifest: TensorRT version, GPU and compute capability, precision, batch profile, input
 size, classes, the sha256 of the plan and of the ONNX it was built from. An ONNX that takes
-any H x W gets an H x W profile too (``streamd.backends.tensorrt.logic.choose_hw_profile``: half of
+any H x W gets an H x W profile too (``streamd.backends.tensorrt.profiles.choose_hw_profile``: half of
 ``--imgsz`` up to ``--imgsz``), recorded in the manifest's build facts.
 
 This module also holds the command-line options of the FP16/INT8/engine stages, so the
@@ -20,27 +20,23 @@ CLI only has to include them.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamd.backends.tensorrt.logic import (
-    BUILD_CC,
-    BUILD_GPU,
-    BUILD_ONNX_FILE,
-    BUILD_ONNX_SHA,
-    FORMAT_TENSORRT,
-    choose_hw_profile,
-    choose_profile,
+from streamd.backends.tensorrt.build import (
+    DEFAULT_WORKSPACE_MB,
+    TIMING_CACHE_NAME,
+    build_engine,
+    engine_manifest,
 )
+from streamd.backends.tensorrt.logic import FORMAT_TENSORRT
+from streamd.backends.tensorrt.probe import INSTALL_HINT, probe_gpu, tensorrt_version
+from streamd.backends.tensorrt.profiles import choose_hw_profile, choose_profile
 from streamd.errors import BackendError, ExportError
-from streamd.manifest import sha256_file
+from streamd.fileio import write_atomic
 
 from .int8_stage import progress
 from .stages import ExportContext, ExportInputError, register
-
-DEFAULT_WORKSPACE_MB = 1024
-TIMING_CACHE_NAME = "timing.cache"
 
 
 class EngineUnavailable(ExportError):
@@ -92,8 +88,6 @@ def _unavailable(ctx: ExportContext, why: str) -> EngineUnavailable:
 
 @register("engine", "build a TensorRT engine from the installed ONNX and write its manifest")
 def engine_stage(ctx: ExportContext) -> None:
-    from streamd.backends.tensorrt.runtime import build_engine, probe_gpu, tensorrt_version
-
     req = ctx.request
     onnx_path, onnx_manifest = ctx.installed_path, ctx.manifest
     if onnx_path is None or onnx_manifest is None:
@@ -102,8 +96,7 @@ def engine_stage(ctx: ExportContext) -> None:
         raise ExportInputError("--engine needs --int8-flavour tensorrt")
     version = tensorrt_version()
     if version is None:
-        raise _unavailable(ctx, "TensorRT, which is not installed here (x86: pip install tensorrt "
-                                "from NVIDIA's index; Jetson: it comes with JetPack)")
+        raise _unavailable(ctx, f"TensorRT, which is not installed here ({INSTALL_HINT})")
     gpu, why = probe_gpu(0)
     if gpu is None:
         raise _unavailable(ctx, f"an NVIDIA GPU, and none is usable here ({why})")
@@ -125,25 +118,16 @@ def engine_stage(ctx: ExportContext) -> None:
     except BackendError as exc:
         raise ExportError(f"{onnx_path.name}: engine build failed: {exc}") from None
 
-    from streamd.backends.tensorrt.runtime import write_atomic
-
     engine_path = onnx_path.with_suffix(".engine")
+    manifest = engine_manifest(onnx_manifest, engine_path, outcome, gpu=gpu.name,
+                               compute_capability=gpu.compute_capability, onnx_file=onnx_path.name,
+                               onnx_sha256=onnx_manifest.model_sha256, cuda_driver=gpu.driver)
     if engine_path.exists():
         ctx.notes.append(f"replaced the previous {engine_path.name}")
     try:
         write_atomic(engine_path, outcome.plan)
     except OSError as exc:
         raise ExportInputError(f"{engine_path}: cannot write the engine ({exc.strerror})") from None
-    manifest = replace(
-        onnx_manifest,
-        model_file=engine_path.name,
-        model_sha256=sha256_file(engine_path),
-        model_format=FORMAT_TENSORRT,
-        build={**onnx_manifest.build, **outcome.facts, BUILD_GPU: gpu.name,
-               BUILD_CC: gpu.compute_capability, "cuda_driver": gpu.driver,
-               BUILD_ONNX_FILE: onnx_path.name, BUILD_ONNX_SHA: onnx_manifest.model_sha256},
-    )
-    manifest.validate(where=f"manifest of {engine_path.name}")
     ctx.notes.append(f"also wrote {onnx_path.name} (what the engine was built from)")
     ctx.manifest_path = manifest.write(engine_path)
     ctx.manifest = manifest

@@ -8,9 +8,7 @@ a real run; for a model that takes any H x W, a second run at a smaller, non-squ
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -18,6 +16,7 @@ import numpy as np
 
 import streamd
 from streamd.errors import ExportError
+from streamd.fileio import copy_atomic
 from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, sha256_file
 
 from .onnx_stage import anchor_count, expected_input_dims, expected_output_dims
@@ -165,18 +164,8 @@ def install_stage(ctx: ExportContext) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             ctx.notes.append(f"replaced the previous {dest.name}")
-        # Copy under a temporary name and rename: a daemon reading the folder never sees
-        # half a model under the real name.
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as dst, open(ctx.model_path, "rb") as src:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # A daemon reading the folder never sees half a model under the real name.
+        copy_atomic(ctx.model_path, dest)
         ctx.manifest_path = m.write(dest)
     except OSError as exc:
         where = exc.filename or out_dir

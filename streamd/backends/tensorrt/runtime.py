@@ -2,9 +2,10 @@
 
 Importing this module imports neither tensorrt nor pycuda; both load when an engine is
 opened (or built), so a machine without them can still import streamd, list backends and
-read manifests. The decisions (is this plan loadable here, profile and batch choice,
-buffer sizes, build flags per TensorRT version) live in ``logic`` beside this module as
-plain functions; this module only applies them.
+read manifests (``probe`` imports them). The decisions (is this plan loadable here,
+profile and batch choice, buffer sizes) live in ``logic`` and ``profiles`` beside this
+module as plain functions; this module only applies them. Building a plan, and rebuilding
+one for this machine, is ``build``'s.
 
 Loading, in order:
 1. the manifest is read and the plan is checked against it *before* TensorRT sees a byte:
@@ -34,342 +35,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...errors import BackendError, ManifestError, ModelError
-from ...manifest import PAD_VALUE, ModelManifest, sha256_file, sidecar_path
-from .logic import (
-    BUILD_CC,
-    BUILD_FLAGS,
-    BUILD_GPU,
-    BUILD_HW_PROFILE,
-    BUILD_PROFILE,
-    BUILD_STRONGLY_TYPED,
-    BUILD_TENSORRT,
-    BUILD_WORKSPACE_MB,
+from ...errors import BackendError, ManifestError
+from ...manifest import PAD_VALUE, ModelManifest, sidecar_path
+from ..base import Backend, ModelInfo
+from .build import last_error, make_logger, rebuild_engine
+from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
+from .probe import import_pycuda, import_tensorrt
+from .profiles import (
     BatchProfile,
     BufferSpec,
-    EngineVerdict,
     HwProfile,
-    RuntimeFacts,
     TensorSpec,
-    TrtVersion,
-    build_mode,
-    check_engine,
-    check_engine_file,
     check_io,
     check_runtime_shape,
-    check_source_onnx,
-    check_supported,
-    choose_profile,
     choose_run_batch,
-    format_cc,
-    head_prefix,
-    hw_profile_for_network,
     hw_profile_from_shapes,
-    is_decode_node,
     plan_buffers,
     profile_from_shapes,
-    profile_shapes,
     resolve_shape,
     trt_dtype_name,
 )
-from ..base import Backend, ModelInfo
 
 log = logging.getLogger("streamd.backend.tensorrt")
 
-DEFAULT_WORKSPACE_MB = 1024
-INSTALL_HINT = ("install TensorRT's Python package (x86: pip install tensorrt from NVIDIA's "
-                "index; Jetson: it comes with JetPack)")
 
-
-# ---------------------------------------------------------------------------------------
-# environment probes (also used by ``streamd doctor`` and the export tool)
-# ---------------------------------------------------------------------------------------
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return None
-    return str(trt.__version__)
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendError(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from None
-    try:
-        check_supported(TrtVersion.parse(trt.__version__))
-    except ValueError as exc:
-        raise BackendError(str(exc)) from None
-    return trt
-
-
-def import_pycuda() -> Any:
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise BackendError(f"pycuda is not installed ({exc}); the TensorRT backend uses it for "
-                           f"GPU memory and streams (pip install pycuda)") from None
-    try:
-        cuda.init()
-    except cuda.Error as exc:
-        raise BackendError(f"CUDA could not be initialised ({exc}): no NVIDIA driver or GPU "
-                           f"usable by this process") from None
-    return cuda
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    compute_capability: str
-    memory_mb: int
-    driver: str
-    via: str                 # "pycuda" | "nvidia-smi"
-
-
-def probe_gpu(index: int = 0) -> tuple[GpuInfo | None, str]:
-    """The GPU at ``index`` (pycuda first, nvidia-smi second), or None and why not."""
-    why = ""
-    try:
-        import pycuda.driver as cuda
-        cuda.init()
-        count = cuda.Device.count()
-        if index >= count:
-            return None, f"pycuda sees {count} GPU(s), none at index {index}"
-        dev = cuda.Device(index)
-        drv = cuda.get_driver_version()
-        return GpuInfo(index, dev.name(), format_cc(*dev.compute_capability()),
-                       dev.total_memory() >> 20, f"{drv // 1000}.{drv % 1000 // 10}", "pycuda"), ""
-    except ImportError:
-        why = "pycuda not installed"
-    except Exception as exc:  # pycuda.driver.Error and friends: no driver, no device
-        why = f"pycuda: {str(exc).strip() or type(exc).__name__}"
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None, f"{why}; nvidia-smi not found"
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=15, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{why}; nvidia-smi failed ({exc})"
-    rows = [r for r in out.stdout.splitlines() if r.strip()]
-    if out.returncode != 0 or index >= len(rows):
-        msg = (out.stderr or out.stdout).strip().splitlines()
-        return None, f"{why}; nvidia-smi: {msg[0] if msg else f'no GPU at index {index}'}"
-    fields = [f.strip() for f in rows[index].split(",")]
-    try:
-        mem = int(float(fields[2]))
-    except (IndexError, ValueError):
-        mem = 0
-    return GpuInfo(index, fields[0], fields[1] if len(fields) > 1 else "?", mem,
-                   fields[3] if len(fields) > 3 else "?", "nvidia-smi"), ""
-
-
-def _make_logger(trt: Any) -> Any:
-    """A TensorRT logger that keeps error messages for our exceptions and forwards the
-    rest to Python logging."""
-
-    class Collecting(trt.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
-
-    return Collecting()
-
-
-def _errors(logger: Any) -> str:
-    errs = getattr(logger, "errors", [])
-    return f": {errs[-1]}" if errs else ""
-
-
-# ---------------------------------------------------------------------------------------
-# the build (export tool, daemon rebuild, doctor)
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BuildOutcome:
-    plan: bytes
-    facts: dict[str, Any]        # for the manifest's ``build``
-
-
-def _progress_monitor(trt: Any, say: Callable[[str], None]) -> Any | None:
-    """An IProgressMonitor (TensorRT >= 10) that reports top-level phases; None before."""
-    base = getattr(trt, "IProgressMonitor", None)
-    if base is None:
-        return None
-
-    class Monitor(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)
-            self._lock = threading.Lock()     # TensorRT may call from several threads
-            self._steps: dict[str, int] = {}
-            self._last: dict[str, int] = {}
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self._lock:
-                self._steps[phase_name] = num_steps
-                self._last[phase_name] = -1
-                if parent_phase is None:
-                    say(f"{phase_name} ({num_steps} step(s))")
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            with self._lock:
-                total = self._steps.get(phase_name, 0)
-                # Report every ~10% of the long tactic-timing phases, nothing finer.
-                if total >= 10 and (step + 1) * 10 // total > (self._last.get(phase_name, -1) + 1) * 10 // total:
-                    say(f"  {phase_name}: {step + 1}/{total}")
-                self._last[phase_name] = step
-            return True     # False would cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            with self._lock:
-                self._steps.pop(phase_name, None)
-
-    return Monitor()
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, input_name: str,
-                 imgsz: tuple[int, int], workspace_mb: int = DEFAULT_WORKSPACE_MB,
-                 timing_cache: Path | None = None,
-                 progress: Callable[[str], None] | None = None,
-                 hw_profile: HwProfile | None = None, stride: int = 32) -> BuildOutcome:
-    """Build a serialized plan from an ONNX that already carries its precision (FP32, FP16
-    with casts, or INT8 Q/DQ). Never uses calibrators: INT8 is explicit Q/DQ only.
-
-    An ONNX that takes any H x W gets ``hw_profile`` (default: ``choose_hw_profile(imgsz,
-    stride)``) for its height and width; one of fixed size is built at ``imgsz``."""
-    say = progress or (lambda msg: log.info("%s", msg))
-    trt = import_tensorrt()
-    version = TrtVersion.parse(trt.__version__)
-    mode = build_mode(version, precision)
-    logger = _make_logger(trt)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise BackendError(f"TensorRT {version} could not create a builder (no usable NVIDIA GPU "
-                           f"or driver?){_errors(logger)}")
-    flags = 0
-    creation = trt.NetworkDefinitionCreationFlag
-    if mode.explicit_batch_flag:
-        flags |= 1 << int(creation.EXPLICIT_BATCH)
-    if mode.strongly_typed:
-        strong = getattr(creation, "STRONGLY_TYPED", None)
-        if strong is None:
-            raise BackendError(f"TensorRT {version} has no strongly typed networks, which a "
-                               f"{precision} build needs on this version")
-        flags |= 1 << int(strong)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    say(f"parsing {onnx_path.name} (TensorRT {version}, {precision})")
-    if not parser.parse_from_file(str(onnx_path)):
-        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise BackendError(f"{onnx_path.name}: TensorRT's ONNX parser refused the model: "
-                           f"{'; '.join(errs[:3]) or 'no error given'}")
-    names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if names != [input_name]:
-        raise BackendError(f"{onnx_path.name}: network inputs are {names}, expected [{input_name!r}]")
-    try:
-        hw = hw_profile_for_network(tuple(network.get_input(0).shape), imgsz, stride, hw_profile,
-                                    name=f"{onnx_path.name}: input {input_name!r}")
-    except ValueError as exc:
-        raise BackendError(str(exc)) from None
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    for flag in mode.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if mode.pin_decode_fp32:
-        # Weak typing may run any layer in FP16 once the flag is set; the head's decode
-        # must stay FP32 as it does in the ONNX.
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        layer_names = [network.get_layer(i).name for i in range(network.num_layers)]
-        prefix = head_prefix(layer_names)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if is_decode_node(layer.name, "", prefix):
-                layer.precision = trt.float32
-                for k in range(layer.num_outputs):
-                    if layer.get_output_type(k) in (trt.float16, trt.float32):
-                        layer.set_output_type(k, trt.float32)
-    opt_profile = builder.create_optimization_profile()
-    mn, opt, mx = profile_shapes(profile, hw, imgsz)
-    opt_profile.set_shape(input_name, mn, opt, mx)
-    if config.add_optimization_profile(opt_profile) < 0:
-        hw_text = f", H x W {hw.as_dict()}" if hw is not None else ""
-        raise BackendError(f"optimization profile batch {profile.as_dict()}{hw_text} refused"
-                           f"{_errors(logger)}")
-
-    cache = None
-    if timing_cache is not None:
-        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(data)
-        # A cache from another GPU or TensorRT version is ignored instead of failing the build.
-        if not config.set_timing_cache(cache, ignore_mismatch=True):
-            log.warning("timing cache %s could not be used; building without it", timing_cache)
-        elif data:
-            say(f"reusing timing cache {timing_cache}")
-    monitor = _progress_monitor(trt, say)
-    if monitor is not None:
-        config.progress_monitor = monitor
-    say("building the engine (TensorRT times its kernels: this takes minutes)")
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BackendError(f"{onnx_path.name}: TensorRT could not build an engine{_errors(logger)}")
-    if timing_cache is not None:
-        try:
-            write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
-        except OSError as exc:
-            log.warning("could not save the timing cache %s (%s)", timing_cache, exc.strerror)
-    facts = {
-        BUILD_TENSORRT: str(trt.__version__),
-        BUILD_PROFILE: profile.as_dict(),
-        BUILD_WORKSPACE_MB: int(workspace_mb),
-        BUILD_STRONGLY_TYPED: mode.strongly_typed,
-        BUILD_FLAGS: list(mode.builder_flags),
-    }
-    if hw is not None:
-        facts[BUILD_HW_PROFILE] = hw.as_dict()
-    return BuildOutcome(bytes(memoryview(plan)), facts)
-
-
-# ---------------------------------------------------------------------------------------
-# the backend
-# ---------------------------------------------------------------------------------------
 @dataclass
 class _Slot:
     host_in: np.ndarray
@@ -442,7 +139,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"GPU {gpu}: {exc}") from None
         verdict = check_engine(manifest, actual_sha, facts, path=self.path, allow_rebuild=rebuild)
         if verdict.action == "rebuild":
-            manifest, plan = self._rebuild(manifest, verdict, facts)
+            manifest, plan = rebuild_engine(self.path, manifest, verdict, facts)
         self.manifest = manifest
         self._cuda_ctx = dev.retain_primary_context()
         try:
@@ -460,44 +157,16 @@ class TensorRTBackend(Backend):
                 raise
 
     # ---- loading ------------------------------------------------------------------------
-    def _rebuild(self, manifest: ModelManifest, verdict: EngineVerdict,
-                 facts: RuntimeFacts) -> tuple[ModelManifest, bytes]:
-        onnx_path = self.path.parent / str(verdict.onnx_file)
-        if not onnx_path.is_file():
-            raise ModelError(f"{self.path.name} needs a rebuild ({verdict.reason}) but its ONNX "
-                             f"{onnx_path} is missing")
-        check_source_onnx(manifest, onnx_path, sha256_file(onnx_path))
-        log.warning("%s: rebuilding from %s because %s", self.path.name, onnx_path.name, verdict.reason)
-        build = manifest.build or {}
-        profile = (BatchProfile.from_dict(build[BUILD_PROFILE]) if BUILD_PROFILE in build
-                   else choose_profile(manifest.batch_min, manifest.batch_max))
-        hw = HwProfile.from_dict(build[BUILD_HW_PROFILE]) if BUILD_HW_PROFILE in build else None
-        outcome = build_engine(onnx_path, precision=manifest.precision, profile=profile,
-                               input_name=manifest.input_name, imgsz=manifest.imgsz,
-                               workspace_mb=int(build.get(BUILD_WORKSPACE_MB, DEFAULT_WORKSPACE_MB)),
-                               timing_cache=self.path.parent / "timing.cache",
-                               hw_profile=hw, stride=manifest.stride)
-        new = replace(manifest, model_sha256=hashlib.sha256(outcome.plan).hexdigest(),
-                      build={**build, **outcome.facts, BUILD_GPU: facts.gpu_name,
-                             BUILD_CC: facts.compute_capability})
-        try:
-            write_atomic(self.path, outcome.plan)
-            new.write(self.path)
-        except OSError as exc:
-            log.warning("%s: rebuilt engine kept in memory only, could not be saved (%s)",
-                        self.path.name, exc.strerror)
-        return new, outcome.plan
-
     def _load(self, trt: Any, plan: bytes, manifest: ModelManifest, n_slots: int) -> None:
         cuda = self._cuda
-        self._logger = _make_logger(trt)
+        self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         if self._runtime is None:
-            raise BackendError(f"{self.path.name}: TensorRT could not create a runtime{_errors(self._logger)}")
+            raise BackendError(f"{self.path.name}: TensorRT could not create a runtime{last_error(self._logger)}")
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise BackendError(f"{self.path.name}: TensorRT could not deserialize the engine"
-                               f"{_errors(self._logger)}")
+                               f"{last_error(self._logger)}")
         engine = self._engine
         specs: list[TensorSpec] = []
         for i in range(engine.num_io_tensors):
@@ -538,7 +207,7 @@ class TensorRTBackend(Backend):
         self._context = engine.create_execution_context()
         if self._context is None:
             raise BackendError(f"{self.path.name}: TensorRT could not create an execution context "
-                               f"(out of GPU memory?){_errors(self._logger)}")
+                               f"(out of GPU memory?){last_error(self._logger)}")
         at_max: dict[str, tuple[int, ...]] | None = None
         if self.hw_profile is not None:
             # Outputs of an engine that takes any H x W have a dynamic anchor axis: size the
@@ -546,7 +215,7 @@ class TensorRTBackend(Backend):
             biggest = (self.profile.max, 3, *self.hw_profile.max)
             if not self._context.set_input_shape(self._input.name, biggest):
                 raise BackendError(f"{self.path.name}: input shape {biggest} refused"
-                                   f"{_errors(self._logger)}")
+                                   f"{last_error(self._logger)}")
             at_max = {s.name: tuple(int(d) for d in self._context.get_tensor_shape(s.name))
                       for s in specs}
         try:
@@ -632,12 +301,12 @@ class TensorRTBackend(Backend):
                 hw_text = (f", H x W {self.hw_profile.as_dict()}" if self.hw_profile is not None else "")
                 raise BackendError(f"{self.path.name}: input {name_in!r} shape {shape} refused; the "
                                    f"engine's profile is batch {self.profile.min}-{self.profile.max}"
-                                   f"{hw_text}{_errors(self._logger)}")
+                                   f"{hw_text}{last_error(self._logger)}")
             out_shapes: dict[str, tuple[int, ...]] = {}
             try:
                 cuda.memcpy_htod_async(slot.dev_in, host_in, self._stream)
                 if not trt_ctx.set_tensor_address(name_in, int(slot.dev_in)):
-                    raise BackendError(f"{self.path.name}: input address refused{_errors(self._logger)}")
+                    raise BackendError(f"{self.path.name}: input address refused{last_error(self._logger)}")
                 for spec in self._outputs:
                     got = tuple(int(d) for d in trt_ctx.get_tensor_shape(spec.name))
                     try:
@@ -654,10 +323,10 @@ class TensorRTBackend(Backend):
                         raise BackendError(f"{self.path.name}: {exc}") from None
                     if not trt_ctx.set_tensor_address(spec.name, int(slot.dev_out[spec.name])):
                         raise BackendError(f"{self.path.name}: output address refused"
-                                           f"{_errors(self._logger)}")
+                                           f"{last_error(self._logger)}")
                 if not trt_ctx.execute_async_v3(self._stream.handle):
                     raise BackendError(f"{self.path.name}: TensorRT failed to enqueue a batch of "
-                                       f"{rb.run}{_errors(self._logger)}")
+                                       f"{rb.run}{last_error(self._logger)}")
                 for spec in self._outputs:
                     cuda.memcpy_dtoh_async(_leading(slot.host_out[spec.name], out_shapes[spec.name]),
                                            slot.dev_out[spec.name], self._stream)
