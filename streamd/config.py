@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
 # loading itself lives in config_loader, shared with the alert rules.
-from .config_loader import (ModelT, StrictModel, line_for, load_yaml, parse_model,  # noqa: F401
+from .config_loader import (ModelT, StrictModel, line_for, load_file, load_yaml, parse_model,  # noqa: F401
                             validate_model, validation_error)
 from .errors import ConfigError
 from .redact import redact_url, register_secret, register_url
@@ -301,13 +301,6 @@ def _resolve_curve_keys(cfg: Config, source: str, base_dir: Path | None,
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,
                 check_files: bool = True) -> Config:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError("config file not found", source=str(p)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config ({exc})", source=str(p)) from None
-    return parse_config(text, source=str(p), base_dir=p.resolve().parent, env=env, check_files=check_files)
+    return load_file(path, parse_config, "config file", env=env, check_files=check_files)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import yaml
@@ -164,3 +165,21 @@ def parse_model(model: type[ModelT], text: str, source: str = "<config>", env: d
     line table so callers can point their own checks at a line."""
     data, lines = load_yaml(text, source, env, expected)
     return validate_model(model, data, lines, source, field_name), lines
+
+
+LoadedT = TypeVar("LoadedT")
+
+
+def load_file(path: str | os.PathLike[str], parse: Callable[..., LoadedT], what: str, **options: Any) -> LoadedT:
+    """Read the YAML file at ``path`` and hand its text to ``parse`` (``parse_config``,
+    ``parse_rules``) with the file as ``source`` and its folder as ``base_dir``, so relative
+    paths in it do not depend on the working directory. ``what`` names the file in errors
+    ("config file not found"); ``options`` go to ``parse`` as they are."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found", source=str(p)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} ({exc})", source=str(p)) from None
+    return parse(text, source=str(p), base_dir=p.resolve().parent, **options)

@@ -21,7 +21,7 @@ import yaml
 import zmq
 
 from streamd import protocol
-from streamd.alert.cli import AlertRunner
+from streamd.alert.runner import AlertRunner
 from streamd.alert.engine import AlertEngine, Event
 from streamd.alert.geometry import intersection_area, overlap_fraction, point_in_polygon
 from streamd.alert.rules import CommandSinkConfig, WebhookSinkConfig, load_rules, parse_rules

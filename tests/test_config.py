@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from streamd.alert.rules import load_rules
 from streamd.config import load_config, parse_config
 from streamd.errors import ConfigError
 
@@ -157,3 +159,14 @@ def test_a_scheme_less_camera_address_with_credentials_is_named_without_them(tmp
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     assert "no scheme" in str(info.value) and "hunter22" not in str(info.value)
+
+
+@pytest.mark.parametrize(("load", "what"), [(load_config, "config file"), (load_rules, "rules file")])
+def test_config_and_rules_files_are_read_by_one_loader(tmp_path: Path, load: Any, what: str) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"{what} not found") as info:
+        load(missing)
+    assert info.value.source == str(missing)
+    with pytest.raises(ConfigError, match=f"cannot read {what}") as info:
+        load(tmp_path)                                   # a folder, not a file
+    assert info.value.source == str(tmp_path)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, get_args
 from pydantic import Field, FiniteFloat, field_validator
 
 from ..config import CAMERA_ID
-from ..config_loader import StrictModel, dotted, line_for, load_yaml, validate_model
+from ..config_loader import StrictModel, dotted, line_for, load_file, load_yaml, validate_model
 from ..errors import ConfigError
 from ..redact import register_secret, register_url
 from .geometry import crossing_edges, polygon_area
@@ -247,11 +247,4 @@ def parse_rules(text: str, source: str = "<rules>", base_dir: Path | None = None
 
 
 def load_rules(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> AlertConfig:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError("rules file not found", source=str(p)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read rules file ({exc})", source=str(p)) from None
-    return parse_rules(text, source=str(p), base_dir=p.resolve().parent, env=env)
+    return load_file(path, parse_rules, "rules file", env=env)

@@ -31,7 +31,7 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
 
 
 def _cmd_alert(args: argparse.Namespace) -> int:
-    from ..alert.cli import run_alert
+    from ..alert.runner import run_alert
     _setup_logging(args.log_level)
     return run_alert(args.config, endpoint=args.endpoint,
                      snapshots_dir=Path(args.snapshots) if args.snapshots else None,
@@ -47,5 +47,9 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamd.alert``: the same command without the ``streamd`` front end."""
+    """Runs this command alone (``python -m streamd.cli.alert -c RULES.yaml``)."""
     return run_alone("alert", register, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

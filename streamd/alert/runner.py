@@ -1,4 +1,5 @@
-"""``streamd alert -c RULES.yaml``: subscribe to a daemon and raise alerts by rules.
+"""The subscriber loop behind ``streamd alert -c RULES.yaml``: subscribe to a daemon and raise
+alerts by rules (the command's arguments are in ``streamd.cli.alert``).
 
 Events go to the configured sinks; standard output carries only event JSON lines (one per
 line), and logs go to standard error, so ``streamd alert ... | jq`` works.

@@ -1,5 +1,0 @@
-import sys
-
-from ..cli.alert import main
-
-sys.exit(main())
