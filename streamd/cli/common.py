@@ -30,6 +30,16 @@ def add_curve_client_args(p: argparse.ArgumentParser, server: str = "daemon") ->
                    help="CURVE: this subscriber's secret key file (NAME.key_secret)")
 
 
+def add_curve_server_args(p: argparse.ArgumentParser, side: str = "the socket",
+                          clients: str = "subscribers") -> None:
+    """--server-secret-key / --allowed-clients-dir: the server side of CURVE, as a daemon's
+    ``publisher.curve`` has it (``side`` says what they encrypt, ``clients`` who connects)."""
+    p.add_argument("--server-secret-key", type=Path, metavar="FILE",
+                   help=f"CURVE: encrypt {side} with this NAME.key_secret (needs --allowed-clients-dir)")
+    p.add_argument("--allowed-clients-dir", type=Path, metavar="DIR",
+                   help=f"CURVE: public keys (*.key) of the {clients} allowed to connect")
+
+
 def new_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction[Any]"]:
     """The ``streamd`` parser with an empty set of subcommands."""
     p = argparse.ArgumentParser(prog="streamd", description="Multi-camera YOLOv8 detections on ZeroMQ")

@@ -12,7 +12,7 @@ from types import FrameType
 from typing import Any
 
 from ..client.relay import Relay, Upstream
-from .common import run_alone, setup_logging
+from .common import add_curve_server_args, run_alone, setup_logging
 
 log = logging.getLogger("streamd.relay")
 
@@ -57,10 +57,7 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
                         "needs --client-key)")
     r.add_argument("--client-key", type=Path, metavar="FILE",
                    help="the relay's own NAME.key_secret, listed in the CURVE daemons' allowed clients")
-    r.add_argument("--server-secret-key", type=Path, metavar="FILE",
-                   help="encrypt the subscriber side with this NAME.key_secret (needs --allowed-clients-dir)")
-    r.add_argument("--allowed-clients-dir", type=Path, metavar="DIR",
-                   help="public keys (*.key) of the subscribers allowed on the CURVE subscriber side")
+    add_curve_server_args(r, "the subscriber side")
     r.add_argument("--allow-non-loopback", action="store_true",
                    help="allow an unencrypted --listen address reachable from the network")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
