@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from streamd.backends import backend_for, open_backend
+from streamd.backends.tensorrt.build import BuildOutcome, engine_manifest, rebuild_engine
 from streamd.backends.tensorrt.logic import (
     BUILD_HW_PROFILE,
     EngineRefused,
@@ -55,7 +56,8 @@ from streamd.backends.tensorrt.profiles import (
     resolve_shape,
     trt_dtype_name,
 )
-from streamd.errors import BackendError, ManifestError
+from streamd.errors import BackendError, ManifestError, ModelError
+from streamd.fileio import atomic_writer, copy_atomic, write_atomic
 from streamd.manifest import LAYOUT_RAW, ModelManifest, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,6 +526,60 @@ def test_any_size_engine_manifest_records_its_hw_profile(tmp_path: Path) -> None
     assert back.dynamic_hw and HwProfile.from_dict(back.build[BUILD_HW_PROFILE]) == hw
     # The engine checks do not depend on the input size.
     assert verdict_for(engine).action == "load"
+
+
+def test_engine_manifest_records_what_the_backend_checks(tmp_path: Path) -> None:
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx model bytes")
+    source = ModelManifest(model_file=onnx.name, model_sha256=sha256_file(onnx), model_format="onnx",
+                           class_names={0: "Normal", 1: "Fall"}, imgsz=(320, 320), batch_min=1, batch_max=8,
+                           output_layout=LAYOUT_RAW, precision="fp16", build={"exported_by": "test"})
+    plan = b"serialized plan bytes"
+    outcome = BuildOutcome(plan, {"tensorrt": "10.3.0.26", "profile": {"min": 1, "opt": 8, "max": 8}})
+    engine = tmp_path / "m.engine"
+    m = engine_manifest(source, engine, outcome, gpu="NVIDIA RTX A2000", compute_capability="8.6",
+                        onnx_file=onnx.name, onnx_sha256=source.model_sha256, cuda_driver="12.4")
+    engine.write_bytes(plan)
+    m.write(engine)
+    back = ModelManifest.read(engine)
+    assert (back.model_file, back.model_format, back.precision) == ("m.engine", "tensorrt", "fp16")
+    assert back.model_sha256 == sha256_file(engine)
+    assert back.class_names == source.class_names and back.imgsz == (320, 320)
+    assert back.build["exported_by"] == "test" and back.build["cuda_driver"] == "12.4"
+    # What it records is what the checks before loading need: it loads here, and a rebuild
+    # would start from the same ONNX.
+    assert verdict_for(engine).action == "load"
+    check_source_onnx(back, onnx, sha256_file(onnx))
+
+
+def test_rebuild_refuses_a_missing_or_changed_onnx_before_building(tmp_path: Path) -> None:
+    engine = write_engine(tmp_path, trt="8.6.1")
+    m = ModelManifest.read(engine)
+    verdict = verdict_for(engine, allow_rebuild=True)
+    assert verdict.action == "rebuild"
+    (tmp_path / "m.onnx").write_bytes(b"another model")
+    with pytest.raises(EngineRefused, match="is not the ONNX this engine was built from"):
+        rebuild_engine(engine, m, verdict, HERE)
+    (tmp_path / "m.onnx").unlink()
+    with pytest.raises(ModelError, match=r"m.engine needs a rebuild .*8\.6\.1.* but its ONNX .*m.onnx is missing"):
+        rebuild_engine(engine, m, verdict, HERE)
+    # Nothing was written over the engine or its manifest.
+    assert sha256_file(engine) == m.model_sha256 and ModelManifest.read(engine) == m
+
+
+def test_atomic_writes_replace_whole_files_or_leave_them(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "m.engine"
+    write_atomic(target, b"first")
+    write_atomic(target, b"second")
+    assert target.read_bytes() == b"second" and oct(target.stat().st_mode & 0o777) == "0o644"
+    with pytest.raises(RuntimeError):
+        with atomic_writer(target) as f:
+            f.write(b"half of a thi")
+            raise RuntimeError("the build stopped")
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.engine"]     # no temporary left
+    copy_atomic(target, tmp_path / "copy.engine")
+    assert (tmp_path / "copy.engine").read_bytes() == b"second"
 
 
 # ---------------------------------------------------------------------------------------
