@@ -52,6 +52,9 @@ TIMING_CACHE_NAME = "timing.cache"     # beside the engines: reused by the next 
 BUILD_CUDA_DRIVER = "cuda_driver"     # informative: the backend does not check it
 
 
+# ---------------------------------------------------------------------------------------
+# TensorRT's log (the runtime's too)
+# ---------------------------------------------------------------------------------------
 def make_logger(trt: Any) -> Any:
     """A TensorRT logger that keeps error messages for our exceptions and forwards the
     rest to Python logging."""
