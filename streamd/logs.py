@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -52,11 +53,36 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
             for k, v in vars(record).items() if k not in _RECORD_ATTRS and not k.startswith("_")}
 
 
+# sd-daemon(3) priority prefixes: journald takes a line's priority from them (and strips
+# them), which is what lets `journalctl -p warning` pick out camera failures.
+_JOURNAL_PRIORITY = ((logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def writes_to_journal(stream: IO[str]) -> bool:
+    """systemd sets JOURNAL_STREAM=DEVICE:INODE for a service whose output goes to the journal
+    (systemd.exec(5)); the stream is journald's when its file matches."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    if not want:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):    # not a real file (a test's StringIO)
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def with_priority(line: str, levelno: int) -> str:
+    """Every physical line (a traceback's too) gets the record's journald priority."""
+    prio = next((p for level, p in _JOURNAL_PRIORITY if levelno >= level), 7)
+    return "\n".join(f"<{prio}>{part}" for part in line.split("\n"))
+
+
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: message key=value ...``, scrubbed."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: bool = False) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         line = scrub(super().format(record))
@@ -65,11 +91,15 @@ class TextFormatter(logging.Formatter):
             # Fields go before a traceback, on the message's own line, so grep finds them.
             head, sep, rest = line.partition("\n")
             line = f"{head} {format_fields(fields)}{sep}{rest}"
-        return line
+        return with_priority(line, record.levelno) if self.journal else line
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the fields, exception text."""
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
@@ -85,16 +115,19 @@ class JsonFormatter(logging.Formatter):
             obj["exception"] = scrub(self.formatException(record.exc_info))
         elif record.exc_text:
             obj["exception"] = scrub(record.exc_text)
-        return json.dumps(obj, ensure_ascii=False)
+        line = json.dumps(obj, ensure_ascii=False)
+        return with_priority(line, record.levelno) if self.journal else line
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> None:
     """Replace the root logger's handlers with one that writes ``fmt`` lines to ``stream``
-    (stdout by default: journald under systemd)."""
+    (stdout by default: journald under systemd, with each line's priority)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    handler = logging.StreamHandler(sys.stdout if stream is None else stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    out = sys.stdout if stream is None else stream
+    journal = writes_to_journal(out)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter(journal) if fmt == "json" else TextFormatter(journal))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -148,3 +149,39 @@ def test_the_daemon_logs_camera_failures_at_warning_in_both_formats(yolov8n_onnx
         text = log_path.read_text()
         assert "Hunter2" not in text and "viewer" not in text, text
         assert "rtsp://***@127.0.0.1" in text
+
+
+def test_decode_errors_are_counted_each_and_warned_once_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from streamd.config import CameraConfig, SourceDefaults
+    from streamd.pipeline.queues import RingQueue
+    from streamd.pipeline.sources.camera import CameraSource
+    source = CameraSource(CameraConfig(id="door", url="rtsp://192.0.2.10/x"), SourceDefaults(),
+                          RingQueue(1, threading.Condition()), lambda *_: None)
+    with caplog.at_level(logging.INFO, logger="streamd.source"):
+        for _ in range(5):
+            source._decode_error("broken frame")
+    assert source.stats.decode_errors == 5
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]      # a broken stream can't flood
+    assert (warnings[0].camera, warnings[0].error, warnings[0].count) == ("door", "broken frame", 1)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_under_journald_each_line_carries_its_priority(root_logger: logging.Logger, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    with open(tmp_path / "journal", "w+") as journal, open(tmp_path / "other", "w+") as other:
+        st = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")   # as systemd sets it
+        for stream in (journal, other):
+            setup_logging("debug", fmt, stream=stream)
+            log = logging.getLogger("streamd.test")
+            log.debug("d")
+            log.info("i")
+            log.warning("camera state", extra={"camera": "door", "state": "lost"})
+            log.error("e")
+            stream.flush()
+        prefixes = [line[:3] for line in (tmp_path / "journal").read_text().splitlines()]
+        assert prefixes == ["<7>", "<6>", "<4>", "<3>"]
+        assert not any(line.startswith("<") for line in (tmp_path / "other").read_text().splitlines())
