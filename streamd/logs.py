@@ -18,11 +18,10 @@ import os
 import re
 import sys
 import time
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from .redact import scrub
 
-LogFormat = Literal["text", "json"]
 FORMATS: tuple[str, ...] = ("text", "json")
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 
