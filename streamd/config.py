@@ -207,6 +207,8 @@ class MetricsConfig(StrictModel):
 
 class LogConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = Field("text", description="text: key=value lines (journald, grep); "
+                                                                 "json: one JSON object per line")
 
 
 class Config(StrictModel):

@@ -3,12 +3,12 @@
 Two layers, because third-party code (FFmpeg, OpenCV) builds its own strings from URLs:
 1. ``redact_url`` masks what we print ourselves;
 2. every secret the config holds is registered here, and ``scrub`` removes it (plain and
-   URL-encoded) from any text that leaves the process through our log handler or socket.
+   URL-encoded) from any text that leaves the process through our log formatters
+   (``streamd.logs``) or socket.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 from urllib.parse import quote, unquote, urlsplit
@@ -59,9 +59,3 @@ def scrub(text: str) -> str:
     # URLs we never registered (e.g. from a reloaded config) still lose their userinfo.
     return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", lambda m: m.group(1) + MASK + "@", text)
 
-
-class ScrubbingFormatter(logging.Formatter):
-    """Formats as usual, then scrubs: covers arguments, exceptions and tracebacks alike."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))

@@ -179,16 +179,28 @@ def test_fps_cap_drops_at_decode_and_a_stuck_subscriber_changes_nothing(
     try:
         c = collector_factory(cfg["publisher"]["endpoint"])
         d = daemon_factory(cfg)
-        first = c.wait_for(lambda m: m["type"] == "detections" and m["camera"] == "capped", 60, "capped frames")
-        wait_until(lambda: any(m["capture_ts"] - first["capture_ts"] >= 6 for m in c.of("detections", "capped")),
-                   40, what="6 s of the capped camera")
-        capped = [m for m in c.of("detections", "capped") if m["capture_ts"] - first["capture_ts"] <= 6]
-        rate = (len(capped) - 1) / 6
-        assert 1.4 <= rate <= 2.6, rate                  # the file plays at 10 fps; 2 are kept
+        c.wait_for(lambda m: m["type"] == "detections" and m["camera"] == "capped", 60, "capped frames")
+
+        # The file plays at 10 fps; the cap keeps 2 a second. Frames that pass the cap are the
+        # daemon's own counters (decoded + skipped), compared between two stats messages.
+        def passed(m: dict[str, Any]) -> int:
+            return m["cameras"]["capped"]["decoded"] + m["cameras"]["capped"]["skipped"]
+
+        def a_window_at_the_cap() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            # a load spike may slow the decoder below the cap for a while: wait for a stretch
+            # where it keeps up (the cap then lets about 2 a second through, not fewer)
+            stats = [m for m in c.of("stats") if passed(m) > 0]
+            return next(((a, b) for a in stats for b in stats if b["publish_ts"] - a["publish_ts"] >= 3
+                         and passed(b) - passed(a) >= 1.4 * (b["publish_ts"] - a["publish_ts"])), None)
+        wait_until(a_window_at_the_cap, 60, interval=0.5, what="3 s in which the capped camera keeps 2 frames/s")
         stats = c.wait_for(lambda m: m["type"] == "stats" and m["cameras"]["capped"]["dropped"]["fps_cap"] > 10,
                            20, "fps_cap drops counted")
+        # The cap is a ceiling whatever the load: never more than 2 a second over the whole run.
+        all_stats = [m for m in c.of("stats") if passed(m) > 0]
+        span = all_stats[-1]["publish_ts"] - all_stats[0]["publish_ts"]
+        assert passed(all_stats[-1]) - passed(all_stats[0]) <= 2 * span + 2, (span, passed(all_stats[-1]))
         assert stats["cameras"]["free"]["dropped"]["fps_cap"] == 0
-        free = c.of("detections", "free")
+        capped, free = c.of("detections", "capped"), c.of("detections", "free")
         assert len(free) > 2 * len(capped)               # the stuck SUB slowed nobody down
         assert d.stop() == 0
     finally:

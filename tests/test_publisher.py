@@ -64,18 +64,44 @@ def test_messages_carry_schema_and_filter_per_camera() -> None:
 
 
 def test_heartbeat_only_when_idle() -> None:
-    pub = start_publisher(heartbeat_s=0.3)
+    hb_s = 0.5
+    pub = start_publisher(heartbeat_s=hb_s)
     c = Collector(pub.bound_endpoint)
     try:
-        wait_until(lambda: len(c.of("heartbeat")) >= 3, 10, what="three heartbeats")
+        # Idle: heartbeats go out, one per heartbeat_s.
+        wait_until(lambda: len(c.of("heartbeat")) >= 3, 10, what="three heartbeats while idle")
         hb = c.of("heartbeat")
         assert hb[0]["pid"] > 0 and hb[0]["host"]
         gaps = [b["publish_ts"] - a["publish_ts"] for a, b in zip(hb, hb[1:])]
-        assert all(g >= 0.25 for g in gaps), gaps
+        assert all(g >= 0.8 * hb_s for g in gaps), gaps
+        # Busy: results every few ms for several heartbeat periods.
+        frame = [0]
+
+        def busy_for_a_while() -> bool:
+            frame[0] += 1
+            pub.publish_results([make_result("a", frame[0])])
+            dets = c.of("detections")
+            return len(dets) >= 2 and dets[-1]["publish_ts"] - dets[0]["publish_ts"] >= 4 * hb_s
+        wait_until(busy_for_a_while, 30, interval=0.02, what=f"{4 * hb_s:.0f} s of detections")
+        frame_end = frame[0]
+        wait_until(lambda: c.of("detections") and c.of("detections")[-1]["frame"] == frame_end, 10,
+                   what="the last detection")
     finally:
         pub.stop()
         pub.join(5)
         c.close()
+    msgs = sorted(c.of(), key=lambda m: m["seq"])
+    dets = [m for m in msgs if m["type"] == "detections"]
+    during = [(prev, m) for prev, m in zip(msgs, msgs[1:])
+              if m["type"] == "heartbeat" and dets[0]["seq"] < m["seq"] < dets[-1]["seq"]]
+    # A heartbeat while busy is allowed only after a real pause of heartbeat_s (this box may
+    # starve the feeding thread); one that follows a detection closely is the bug.
+    early = [round(m["publish_ts"] - prev["publish_ts"], 3) for prev, m in during
+             if m["publish_ts"] - prev["publish_ts"] < 0.8 * hb_s]
+    assert not early, f"heartbeats sent {early} s after the previous message, while results were flowing"
+    # and the busy stretch really was several heartbeat periods with results much closer together
+    busy_gaps = sorted(b["publish_ts"] - a["publish_ts"] for a, b in zip(dets, dets[1:]))
+    assert busy_gaps[len(busy_gaps) // 2] < hb_s / 4, busy_gaps
 
 
 def test_subscriber_that_never_reads_does_not_slow_publisher() -> None:
@@ -156,10 +182,28 @@ def test_sub_command_prints_lines() -> None:
 
 def test_format_line_covers_all_types() -> None:
     base = {"v": 1, "seq": 1, "pub": "x", "publish_ts": time.time()}
-    assert "HEALTH streaming -> lost" in format_line("cam/a/health", {**base, "type": "health", "camera": "a",
-                                                                    "state": "lost", "previous": "streaming",
-                                                                    "reason": "r"})
-    assert "heartbeat" in format_line("sys/heartbeat", {**base, "type": "heartbeat", "host": "h", "pid": 1})
+    bodies = {
+        protocol.TYPE_DETECTIONS: ("cam/a/det", {**base, "type": "detections", "camera": "a", "frame": 7,
+                                                 "capture_ts": base["publish_ts"] - 0.25, "width": 640,
+                                                 "height": 480, "detections": [
+                                                     {"class_id": 0, "label": "person", "confidence": 0.875,
+                                                      "box": [1.0, 2.0, 300.6, 400.0]}]}),
+        protocol.TYPE_HEALTH: ("cam/a/health", {**base, "type": "health", "camera": "a", "state": "lost",
+                                                "previous": "streaming", "reason": "r"}),
+        protocol.TYPE_HEARTBEAT: ("sys/heartbeat", {**base, "type": "heartbeat", "host": "h", "pid": 1}),
+        protocol.TYPE_STATS: ("sys/stats", {**base, "type": "stats", "uptime_s": 12.5, "cameras": {
+            "a": {"state": "streaming", "published": 40}, "b": {"state": "reconnecting", "published": 0}}}),
+    }
+    # every message type the protocol defines has a case here, so a new type cannot go unseen
+    types = {v for k, v in vars(protocol).items() if k.startswith("TYPE_")}
+    assert types == set(bodies), f"no example body for {types - set(bodies)}"
+    lines = {t: format_line(topic, body) for t, (topic, body) in bodies.items()}
+    for t, line in lines.items():
+        assert "{" not in line, f"{t} fell through to the raw JSON form: {line}"
+    assert "cam=a frame=7 640x480 age=250ms n=1 person:0.88@1,2,300,400" in lines["detections"]
+    assert "cam=a HEALTH streaming -> lost (r)" in lines["health"]
+    assert "heartbeat host=h pid=1" in lines["heartbeat"]
+    assert "stats uptime=12.5s a:streaming/40 b:reconnecting/0" in lines["stats"]
 
 
 def test_a_detection_older_than_the_bound_at_the_socket_is_not_sent() -> None:

@@ -7,6 +7,7 @@ infrastructure rather than at the daemon.
 
 from __future__ import annotations
 
+import bisect
 import selectors
 import subprocess
 import time
@@ -38,8 +39,14 @@ def _needs_h264(media: MediaSetLike) -> None:
         pytest.skip("no H.264 clip (ffmpeg missing)")
 
 
-def _live_rate(url: str, seconds: float, read_timeout_ms: int = 5000) -> tuple[float, int]:
-    """Frames per second a reader gets once caught up with the live edge, and the count.
+def _live_rate(url: str, reach: float, window_s: float, deadline_s: float = 20.0,
+               read_timeout_ms: int = 5000) -> tuple[float, float, int]:
+    """Read a live stream until some ``window_s`` of it ran at ``reach`` frames/s or more.
+
+    Returns the best window's rate, the rate over everything read, and the frame count.
+    A loaded box can starve the reader or the server for a while, which only ever lowers a
+    rate: so the floor is a condition waited for (up to ``deadline_s``), and the ceiling is
+    judged on the whole read, where a stall cannot raise it.
 
     Opening buffers what arrived while FFmpeg probed the stream, and those frames come
     out at once; so reading starts to count only after a read had to wait for the
@@ -60,11 +67,20 @@ def _live_rate(url: str, seconds: float, read_timeout_ms: int = 5000) -> tuple[f
         drained = read_times(cap, lambda c, now: caught_up(c, now) or now > drain_deadline)
         assert drained, "stream ended while draining the open backlog"
         start = time.monotonic()
-        times = read_times(cap, lambda _c, now: now - start >= seconds)
+        times: list[float] = []
+        best = [0.0]
+
+        def reached(_count: int, now: float) -> bool:
+            times.append(now)
+            if now - start >= window_s:
+                in_window = len(times) - bisect.bisect_right(times, now - window_s)
+                best[0] = max(best[0], (in_window - 1) / window_s)
+            return best[0] >= reach or now - start > deadline_s
+        read_times(cap, reached)
     finally:
         cap.release()
-    assert len(times) >= 2, f"only {len(times)} frames in {seconds} s"
-    return (len(times) - 1) / (times[-1] - times[0]), len(times)
+    assert len(times) >= 2, f"only {len(times)} frames in {deadline_s} s"
+    return best[0], (len(times) - 1) / (times[-1] - times[0]), len(times)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (320, 240)])
@@ -82,8 +98,9 @@ def test_images_mount_serves_frames_of_requested_size(
 def test_images_mount_is_paced_and_moving(rtsp_server: RtspServerFactory, test_media: Media) -> None:
     fps = 10
     server = rtsp_server({"/cam1": test_media["bus"].images_spec(fps)})
-    rate, count = _live_rate(server.url("/cam1"), seconds=3.0)
-    assert 0.6 * fps <= rate <= 1.4 * fps, f"{rate:.1f} frames/s ({count} frames), asked for {fps}"
+    best, overall, count = _live_rate(server.url("/cam1"), reach=0.6 * fps, window_s=3.0)
+    assert best >= 0.6 * fps, f"never {0.6 * fps:.0f} frames/s in 3 s (best {best:.1f}), asked for {fps}"
+    assert overall <= 1.4 * fps, f"{overall:.1f} frames/s ({count} frames), asked for {fps}"
 
     frames = wait_for_frames(server.url("/cam1"), n=6)
     diffs = [float(np.abs(a.astype(np.int16) - b).mean()) for a, b in zip(frames, frames[1:])]
@@ -105,10 +122,11 @@ def test_h264_mount_bursts_unless_given_a_rate(rtsp_server: RtspServerFactory, t
     _needs_h264(media)
     server = rtsp_server({"/burst": media.h264_spec(), "/paced": f"{media.h264_spec()}@25"})
     # The clip is made at 10 frames/s; an unpaced mount goes as fast as the reader reads.
-    burst, count = _live_rate(server.url("/burst"), seconds=2.0)
-    assert burst > 40.0, f"unpaced mount gave only {burst:.1f} frames/s ({count} frames)"
-    paced, count = _live_rate(server.url("/paced"), seconds=3.0)
-    assert 15.0 <= paced <= 35.0, f"mount paced at 25 gave {paced:.1f} frames/s ({count} frames)"
+    burst, _, count = _live_rate(server.url("/burst"), reach=40.0, window_s=1.0)
+    assert burst >= 40.0, f"unpaced mount gave at best {burst:.1f} frames/s ({count} frames)"
+    paced, overall, count = _live_rate(server.url("/paced"), reach=15.0, window_s=3.0)
+    assert paced >= 15.0, f"mount paced at 25 never gave 15 frames/s in 3 s (best {paced:.1f})"
+    assert overall <= 35.0, f"mount paced at 25 gave {overall:.1f} frames/s ({count} frames)"
 
 
 def test_two_mounts_in_one_server_and_two_readers_of_one_mount(
@@ -146,13 +164,13 @@ def test_auth_rejects_wrong_password_and_accepts_right_one(
     anonymous = server.url("/cam1", credentials=False)
     for url in (wrong, anonymous):
         t0 = time.monotonic()
-        cap = open_capture(url, open_timeout_ms=5000)
+        cap = open_capture(url, open_timeout_ms=60000)
         try:
             assert not cap.isOpened(), f"{redact(url)} opened without the right password"
         finally:
             cap.release()
-        # Refused by the server, not left to time out.
-        assert time.monotonic() - t0 < 4.0
+        # Refused by the server, not left to time out: the open would take 60 s otherwise.
+        assert time.monotonic() - t0 < 30.0
 
     frames = wait_for_frames(good, n=3)
     assert frames[0].shape == (480, 640, 3)
@@ -243,16 +261,16 @@ def test_server_rejects_bad_arguments(args: list[str], message: str, tmp_path: P
 
 def test_server_stops_cleanly_with_a_reader_connected(rtsp_server: RtspServerFactory, test_media: Media) -> None:
     server = rtsp_server({"/cam1": test_media["bus"].images_spec(10)})
-    cap = open_capture(server.url("/cam1"), read_timeout_ms=10000)
+    cap = open_capture(server.url("/cam1"), read_timeout_ms=60000)
     try:
         assert cap.isOpened() and cap.grab()
         t0 = time.monotonic()
+        # 0, not -9: it exited on SIGTERM within the stop deadline instead of being killed
         assert server.stop() == 0, server.stderr_text()
-        assert time.monotonic() - t0 < 3.0
-        # Closed by the server, so the reader learns at once instead of at its read
-        # timeout; the buffered frames come out first.
-        failed = read_times(cap, lambda _c, now: now - t0 > 8.0)
-        assert time.monotonic() - t0 < 8.0, f"reads went on after the server stopped ({len(failed)} frames)"
+        # Closed by the server, so the reader learns long before its 60 s read timeout;
+        # the buffered frames come out first.
+        failed = read_times(cap, lambda _c, now: now - t0 > 30.0)
+        assert time.monotonic() - t0 < 30.0, f"reads went on after the server stopped ({len(failed)} frames)"
     finally:
         cap.release()
 

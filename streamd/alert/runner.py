@@ -67,9 +67,10 @@ class AlertRunner:
                 event.data["snapshot"] = str(path)
         d = event.data
         if event.kind == "alert":
-            log.info("alert rule=%s camera=%s frame=%s count=%s", d["rule"], d["camera"], d["frame"], d["count"])
+            log.info("alert", extra={"rule": d["rule"], "camera": d["camera"], "frame": d["frame"],
+                                     "count": d["count"]})
         else:
-            log.info("%s %s", event.kind, " ".join(f"{k}={v}" for k, v in d.items() if k not in ("event", "time")))
+            log.info(event.kind, extra={k: v for k, v in d.items() if k not in ("event", "time")})
         for sink in self.sinks:
             if sink.accepts(event.kind):
                 sink.emit(d)

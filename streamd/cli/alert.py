@@ -6,13 +6,11 @@ Standard output carries only event JSON lines, so logs go to standard error here
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..redact import ScrubbingFormatter
-from .common import add_curve_client_args, run_alone
+from .common import add_curve_client_args, add_logging_args, run_alone, setup_logging
 
 
 def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
@@ -26,24 +24,16 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
                    help="save an annotated JPEG per alert to DIR/<camera>/<time>-<rule>.jpg "
                         "(default: snapshots_dir: in the rules file)")
     add_curve_client_args(p, "daemon")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_logging_args(p)
     p.set_defaults(func=_cmd_alert)
 
 
 def _cmd_alert(args: argparse.Namespace) -> int:
     from ..alert.runner import run_alert
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format, stream=sys.stderr)   # stdout carries the events
     return run_alert(args.config, endpoint=args.endpoint,
                      snapshots_dir=Path(args.snapshots) if args.snapshots else None,
                      server_key=args.server_key, client_key=args.client_key)
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)   # stdout belongs to the event lines
-    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
 from ..errors import StreamdError
-from ..redact import ScrubbingFormatter, scrub
+from ..logs import FORMATS, LEVELS, setup_logging
+from ..redact import scrub
+
+__all__ = ["add_curve_client_args", "add_logging_args", "new_parser", "run_alone", "run_command",
+           "setup_logging"]
 
 
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    # key=value fields after the message keep logs greppable by camera under journald.
-    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+def add_logging_args(p: argparse.ArgumentParser, level: str | None = "info", fmt: str | None = "text") -> None:
+    """--log-level / --log-format, the same for every long-running command (None: from its config)."""
+    p.add_argument("--log-level", choices=LEVELS, default=level,
+                   help="default: " + (level or "log.level in the config, else info"))
+    p.add_argument("--log-format", choices=FORMATS, default=fmt,
+                   help="key=value text lines or one JSON object per line; default: "
+                        + (fmt or "log.format in the config, else text"))
 
 
 def add_curve_client_args(p: argparse.ArgumentParser, server: str = "daemon") -> None:

@@ -12,13 +12,13 @@ from types import FrameType
 from typing import Any
 
 from ..client.relay import Relay, Upstream
-from .common import add_curve_server_args, run_alone, setup_logging
+from .common import add_curve_server_args, add_logging_args, run_alone, setup_logging
 
 log = logging.getLogger("streamd.relay")
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     upstreams = [Upstream(e) for e in args.from_ or []]
     upstreams += [Upstream(e, Path(k)) for e, k in args.from_curve or []]
     relay = Relay(args.listen, upstreams, allow_non_loopback=args.allow_non_loopback,
@@ -60,7 +60,7 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
     add_curve_server_args(r, "the subscriber side")
     r.add_argument("--allow-non-loopback", action="store_true",
                    help="allow an unencrypted --listen address reachable from the network")
-    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_logging_args(r)
     r.set_defaults(func=_cmd_relay)
 
 

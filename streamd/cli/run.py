@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import setup_logging
+from .common import add_logging_args, setup_logging
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ..service.daemon import Daemon
     from ..service.systemd import Notifier
     cfg = load_config(args.config)
-    setup_logging(args.log_level or cfg.log.level)
+    setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     notifier = Notifier()
     notifier.status("loading model")
     daemon = Daemon(cfg, args.config)
@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
     r = subparsers.add_parser("run", help="run the daemon")
     r.add_argument("-c", "--config", required=True, help="YAML config file")
-    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_logging_args(r, level=None, fmt=None)
     r.set_defaults(func=_cmd_run)
 
     c = subparsers.add_parser("check", help="validate a config file and exit")

@@ -39,6 +39,7 @@ _FFMPEG_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _PROBE_OPTIONS = "analyzeduration;1000000"
 _DEFAULT_FFMPEG_OPTIONS = f"rtsp_transport;tcp|{_PROBE_OPTIONS}"
 _open_lock = threading.Lock()
+_DECODE_WARN_EVERY_S = 10.0
 
 
 def configure_ffmpeg_defaults() -> None:
@@ -114,6 +115,8 @@ class CameraSource(threading.Thread):
         self._stall_reported = False
         self._lock = threading.Lock()
         self._stop_reason = "daemon stopping"
+        self._decode_warned_at = -_DECODE_WARN_EVERY_S     # the first decode error is logged at once
+        self._decode_errors_unlogged = 0
 
     # ---- state ------------------------------------------------------------------------
     @property
@@ -128,12 +131,14 @@ class CameraSource(threading.Thread):
             self.stats.state = new.value
             self.stats.state_since = time.time()
         reason = scrub(reason)
+        # Failures (lost, stalled, reconnecting, ended) at WARNING: `journalctl -p warning` shows them.
         level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
-        log.log(level, "camera=%s state=%s previous=%s reason=%s", self.cam.id, new.value, old, reason or "-")
+        log.log(level, "camera state", extra={"camera": self.cam.id, "state": new.value, "previous": old,
+                                              "reason": reason or "-"})
         try:
             self._on_health(self.cam.id, new.value, old, reason)
         except Exception:  # a broken listener must not take the camera down
-            log.exception("camera=%s health listener failed", self.cam.id)
+            log.exception("camera health listener failed", extra={"camera": self.cam.id})
 
     def check_stall(self, now: float | None = None) -> bool:
         """Supervisor hook: flag a decoder stuck inside a read longer than the stall timeout
@@ -157,7 +162,8 @@ class CameraSource(threading.Thread):
             self._run()
         except BaseException as exc:  # noqa: BLE001 - recorded for the supervisor
             self.error = exc
-            log.error("camera=%s thread failed: %s", self.cam.id, scrub(f"{type(exc).__name__}: {exc}"))
+            log.error("camera thread failed", extra={"camera": self.cam.id,
+                                                      "error": scrub(f"{type(exc).__name__}: {exc}")})
         finally:
             if self.stop_event.is_set():
                 self._set_state(State.STOPPED, self._stop_reason)
@@ -193,6 +199,19 @@ class CameraSource(threading.Thread):
         self.stats.reconnects += 1
         self._set_state(State.BACKOFF, f"{reason}; retry in {delay:.1f}s")
         self.stop_event.wait(delay)
+
+    def _decode_error(self, what: str) -> None:
+        """Count a frame the decoder could not give us; warn at most every
+        ``_DECODE_WARN_EVERY_S`` so a broken stream cannot flood the journal."""
+        self.stats.decode_errors += 1
+        self._decode_errors_unlogged += 1
+        now = time.monotonic()
+        if now - self._decode_warned_at >= _DECODE_WARN_EVERY_S:
+            log.warning("camera decode errors", extra={"camera": self.cam.id, "error": what,
+                                                       "count": self._decode_errors_unlogged,
+                                                       "total": self.stats.decode_errors})
+            self._decode_warned_at = now
+            self._decode_errors_unlogged = 0
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
         self.in_native_open = True
@@ -304,14 +323,14 @@ class CameraSource(threading.Thread):
             except cv2.error:
                 ok, image = False, None
             if not ok or image is None or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
-                self.stats.decode_errors += 1
+                self._decode_error("broken frame")
                 bad_in_row += 1
                 if bad_in_row >= 50:
                     return "lost", "decoder keeps returning broken frames", got_frames
                 continue
             bad_in_row = 0
             if image.dtype != np.uint8:
-                self.stats.decode_errors += 1
+                self._decode_error(f"frame of {image.dtype}, not 8-bit")
                 continue
             if not got_frames:
                 got_frames = True
