@@ -156,12 +156,6 @@ class Pipeline:
     def add_queue(self, camera_id: str, depth: int) -> RingQueue:
         return self.queues.add(camera_id, depth)
 
-    def remove_queue(self, camera_id: str) -> None:
-        self.queues.remove(camera_id)
-
-    def queue_depths(self) -> dict[str, int]:
-        return self.queues.depths()
-
     def _dropped_at_take(self, camera_id: str, cause: str) -> None:
         self.stats.too_old_at_take += 1
         self.on_frame_dropped(camera_id, cause)
@@ -226,9 +220,6 @@ class Pipeline:
         return next((t.error for t in self.threads if t.error is not None), None)
 
     # ---- closing a batch (caller holds self.ready) --------------------------------------------
-    def net_shape(self, item: Item) -> Shape:
-        return self.policy.net_shape(item)
-
     def _close_batch(self, stop: threading.Event, worker: int) -> Batch | None:
         """Wait for frames, then close a batch: when it is full, when the age budget admits
         no more, or ``max_wait_ms`` after its first frame. Runs when this worker is free."""
