@@ -31,10 +31,12 @@ class BrightBoxBackend(Backend):
                               batch_max=batch_max, output_layout=LAYOUT_RAW, source="test", dynamic_hw=dynamic_hw)
         self.confidence = confidence
         self.calls = 0
+        self.shapes: list[tuple[int, int]] = []     # (H, W) of each batch, in the order run
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.check_batch(batch)
         self.calls += 1
+        self.shapes.append((int(batch.shape[2]), int(batch.shape[3])))
         # (n, 4 + classes, anchors): one anchor per image is all a single box needs.
         out = np.zeros((batch.shape[0], 4 + len(self.info.names), 1), np.float32)
         for i, img in enumerate(batch):

@@ -41,16 +41,19 @@ class Sink:
     def __init__(self) -> None:
         self.batches: list[list[FrameResult]] = []
         self.answered: list[RequestResult] = []
+        self.order: list[str] = []            # "cam" / "req", one per result, as handed over
         self.lock = threading.Lock()
 
     def results(self, results: list[FrameResult], frames: list[Frame]) -> None:
         assert [r.frame_no for r in results] == [f.frame_no for f in frames]
         with self.lock:
             self.batches.append(results)
+            self.order += ["cam"] * len(results)
 
     def request_results(self, results: list[RequestResult]) -> None:
         with self.lock:
             self.answered.extend(results)
+            self.order += ["req"] * len(results)
 
     def frames(self) -> list[FrameResult]:
         with self.lock:
@@ -215,3 +218,34 @@ def test_stop_joins_every_thread(backend) -> None:
     p.start()
     p.stop(timeout=5)
     assert not any(t.is_alive() for t in p.threads)
+
+
+def test_requests_of_another_shape_alternate_with_the_cameras_whole_batches(backend) -> None:
+    """On a model that takes any H x W, portrait requests and landscape cameras cannot share a
+    batch: whole batches alternate, so neither side waits for the other to run dry."""
+    dyn = BrightBoxBackend(input_hw=(320, 320), dynamic_hw=True)
+    sink = Sink()
+    queues = QueueSet()
+    reqs = RequestQueue(16, queues.ready)
+    p = Pipeline(dyn, SchedulerConfig(max_batch=2, max_wait_ms=0, max_frame_age_ms=60000),
+                 PostprocessParams(conf=0.25), sink, queues=queues, requests=reqs, request_share=0.5)
+    portrait = with_white_box(np.full((640, 360, 3), 40, np.uint8), (60, 100, 300, 500))
+    for i in range(8):
+        assert reqs.offer(request(f"r{i}", portrait))
+    for c in ("a", "b"):
+        q = p.add_queue(c, 8)
+        for n in range(4):
+            q.put(frame(c, n, size=(640, 360)))
+    p.start()
+    try:
+        wait_until(lambda: len(sink.requests()) == 8 and len(sink.frames()) == 8, 30, what="every result")
+    finally:
+        p.stop()
+    assert set(dyn.shapes) == {(320, 192), (192, 320)}      # each batch one shape, both shapes run
+    order = sink.order
+    # interleaved, not one side first and the other after it ran dry
+    assert order.index("cam") < len(order) - 1 - order[::-1].index("req")
+    assert order.index("req") < len(order) - 1 - order[::-1].index("cam")
+    for rr in sink.requests():
+        (d,) = rr.detections
+        assert_box_near(d.box, (60, 100, 300, 500), 360, 640)
