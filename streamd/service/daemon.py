@@ -268,7 +268,8 @@ class Daemon:
             self.request_server.fail_all_pending("the daemon is shutting down")
             self.request_server.stop()
             self.request_server.join(max(0.5, deadline - time.monotonic()))
-        self.publisher.close(max(0.5, deadline - time.monotonic()))
+        for out in self.output.outputs:     # each sends what it holds, then lets go of its connection
+            out.close(max(0.5, deadline - time.monotonic()))
         self.backend.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
