@@ -1,15 +1,19 @@
 """Small typed records shared by every stage.
 
 Stages only exchange these: sources know nothing of models, backends nothing of
-cameras, the publisher nothing of backends.
+cameras, the publisher nothing of backends. The scheduler takes two inputs: camera
+``Frame``s and on-demand ``Request``s; it hands back ``FrameResult``s and ``RequestResult``s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .pipeline.postprocess import PostprocessParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +25,6 @@ class Frame:
     capture_ts: float       # wall clock (time.time()) when the decoder returned it
     capture_mono: float     # time.monotonic() at the same instant; ages use this
     image: np.ndarray       # HxWx3 uint8, BGR (OpenCV's order)
-    request: Any = None     # an on-demand request (streamd.service.requests.Request) instead of a camera frame
 
     @property
     def size(self) -> tuple[int, int]:
@@ -29,10 +32,48 @@ class Frame:
         return int(self.image.shape[1]), int(self.image.shape[0])
 
 
-def as_frame(req: Any) -> Frame:
-    """An on-demand request (``streamd.service.requests.Request``) as a frame the scheduler can
-    batch beside the cameras'."""
-    return Frame("", 0, req.received_ts, req.received_mono, req.image, request=req)
+class ReplyChannel(Protocol):
+    """The front door a request came through (ZeroMQ ROUTER today; HTTP, Redis later): it
+    answers its own clients. Every accepted request is answered exactly once, so both
+    calls are ignored (``answer`` returns False) for a request already answered."""
+
+    def answer(self, result: RequestResult, body: dict[str, Any]) -> bool:
+        """Send ``body`` (the protocol's ``result`` message) to the client that asked."""
+
+    def fail(self, request: Request, reason: str) -> None:
+        """Answer with an error instead (timeout, shutdown, failure)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One on-demand picture, accepted by a front door and waiting for the scheduler."""
+
+    task_id: str
+    image: np.ndarray                   # HxWx3 uint8, BGR
+    received_ts: float                  # wall clock when accepted
+    received_mono: float                # time.monotonic() at the same instant
+    reply_to: ReplyChannel
+    route: Any = None                   # the front door's return address (opaque to the pipeline)
+    params: PostprocessParams | None = None   # thresholds of its own; None: the daemon's
+    priority: int = 0                   # higher is served first
+    client_id: str | None = None        # names the client in metrics and the published topic
+    request_id: str | int | None = None   # the client's own id, echoed in every reply
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """Detections for one request, in its picture's pixels."""
+
+    request: Request
+    detections: tuple[Detection, ...]
+    queue_s: float                      # accepted -> taken into a batch
+    infer_s: float                      # the inference of the batch that carried it
+    done_mono: float                    # monotonic: detections ready
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ from streamd import protocol
 from streamd.client.subscriber import GapTracker, format_line, run_sub
 from streamd.config import PublisherConfig
 from streamd.entities import Detection, FrameResult
+from streamd.outputs.base import Outbound
 from streamd.outputs.zmq_publisher import Publisher
+from streamd.pipeline.output.messages import detections_message, health_message
 from tests.fixtures_daemon import Collector, free_tcp_port, wait_until
 
 
@@ -20,6 +22,11 @@ def make_result(cam: str, n: int) -> FrameResult:
     now = time.time()
     return FrameResult(cam, n, now - 0.05, time.monotonic(), 640, 480,
                        (Detection(0, "person", 0.87654, (1.04, 2.0, 300.55, 400.0)),))
+
+
+def make_message(cam: str, n: int) -> Outbound:
+    """A camera's detections message as the output stage builds it."""
+    return detections_message(make_result(cam, n))
 
 
 def start_publisher(**kw: object) -> Publisher:
@@ -37,8 +44,9 @@ def test_messages_carry_schema_and_filter_per_camera() -> None:
         # Slow joiner: wait until the subscriptions are live (heartbeats arrive).
         wait_until(lambda: everything.of("heartbeat"), 10, what="first heartbeat")
         for i in range(1, 6):
-            pub.publish_results([make_result("a", i), make_result("ab", i)])
-        pub.publish_health("a", "lost", "streaming", "connection dropped")
+            pub.offer(make_message("a", i))
+            pub.offer(make_message("ab", i))
+        pub.offer(health_message("a", "lost", "streaming", "connection dropped"))
         wait_until(lambda: len(everything.of("detections")) == 10, 10, what="10 detection messages")
         wait_until(lambda: only_a.of("health"), 10, what="health message for a")
         dets_a = only_a.of("detections")
@@ -79,7 +87,7 @@ def test_heartbeat_only_when_idle() -> None:
 
         def busy_for_a_while() -> bool:
             frame[0] += 1
-            pub.publish_results([make_result("a", frame[0])])
+            pub.offer(make_message("a", frame[0]))
             dets = c.of("detections")
             return len(dets) >= 2 and dets[-1]["publish_ts"] - dets[0]["publish_ts"] >= 4 * hb_s
         wait_until(busy_for_a_while, 30, interval=0.02, what=f"{4 * hb_s:.0f} s of detections")
@@ -117,7 +125,7 @@ def test_subscriber_that_never_reads_does_not_slow_publisher() -> None:
         n = 5000
         t0 = time.monotonic()
         for i in range(n):
-            pub.publish_results([make_result("cam", i)])
+            pub.offer(make_message("cam", i))
         enqueue_s = time.monotonic() - t0
         # Everything was handed to the socket (the stuck SUB just loses its share).
         wait_until(lambda: pub.sent_detections.get("cam", 0) >= n, 60, what="publisher to send all messages")
@@ -139,7 +147,7 @@ def test_flood_beyond_the_queue_is_dropped_and_counted_not_blocked() -> None:
     try:
         n = 5000
         for i in range(n):
-            pub.publish_results([make_result("cam", i)])
+            pub.offer(make_message("cam", i))
         wait_until(lambda: pub.sent_detections.get("cam", 0) + pub.dropped >= n, 30, what="all messages sent or dropped")
         assert pub.dropped > 0 and pub.sent_detections["cam"] + pub.dropped == n
     finally:
@@ -168,7 +176,8 @@ def test_sub_command_prints_lines() -> None:
     t.start()
     try:
         def feed() -> bool:
-            pub.publish_results([make_result("a", 1), make_result("b", 1)])
+            pub.offer(make_message("a", 1))
+            pub.offer(make_message("b", 1))
             return not t.is_alive()
         wait_until(feed, 20, interval=0.2, what="sub to print 3 detection lines")
     finally:
@@ -218,7 +227,8 @@ def test_a_detection_older_than_the_bound_at_the_socket_is_not_sent() -> None:
         wait_until(lambda: sub.of("heartbeat"), 10, what="first heartbeat")
         old = make_result("a", 1)
         old = FrameResult(old.camera_id, 1, old.capture_ts - 5, old.capture_mono - 5, 640, 480, old.detections)
-        pub.publish_results([old, make_result("a", 2)], max_age_s=2.0)
+        pub.offer(detections_message(old, max_age_s=2.0))
+        pub.offer(detections_message(make_result("a", 2), max_age_s=2.0))
         wait_until(lambda: sub.of("detections"), 10, what="the fresh detection")
         wait_until(lambda: stale, 10, what="the stale one to be counted")
     finally:

@@ -20,7 +20,7 @@ from streamd.outputs.zmq_publisher import Publisher
 from streamd.security import generate_key_files, load_key_file, load_secret_key_file
 from tests.fixtures_daemon import REPO, Collector, DaemonProcess, free_tcp_port, wait_until
 from tests.test_daemon import base_config
-from tests.test_publisher import make_result
+from tests.test_publisher import make_message
 from tests.test_security import ProbeSubscriber
 
 
@@ -51,7 +51,7 @@ def feed_until(pubs: dict[str, Publisher], done: Any, timeout: float, what: str)
         nonlocal n
         n += 1
         for cam, p in pubs.items():
-            p.publish_results([make_result(cam, n)])
+            p.offer(make_message(cam, n))
         return bool(done())
     wait_until(step, timeout, interval=0.05, what=what)
 

@@ -27,7 +27,7 @@ from streamd.security import (CurveKeys, KeyFileError, apply_client, generate_ke
                               load_key_file, load_secret_key_file)
 from streamd.client.subscriber import run_sub
 from tests.fixtures_daemon import REPO, free_tcp_port, wait_until
-from tests.test_publisher import make_result
+from tests.test_publisher import make_message
 
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                      zmq.EVENT_HANDSHAKE_FAILED_AUTH}
@@ -145,7 +145,7 @@ def test_only_the_listed_client_key_receives(keys: dict[str, Path]) -> None:
         def feed() -> bool:
             nonlocal n
             n += 1
-            pub.publish_results([make_result("door", n)])
+            pub.offer(make_message("door", n))
             return len(allowed.of("detections")) >= 20
         wait_until(feed, 20, interval=0.02, what="20 detections at the allowed client")
         assert allowed.handshakes_ok >= 1
@@ -179,7 +179,7 @@ def test_subscribe_and_sub_command_connect_with_curve(keys: dict[str, Path]) -> 
         def feed() -> bool:
             nonlocal n
             n += 1
-            pub.publish_results([make_result("door", n)])
+            pub.offer(make_message("door", n))
             return not t.is_alive() and proc.poll() is not None
         wait_until(feed, 30, interval=0.1, what="the library and the CLI subscriber to get their detections")
         stdout, stderr = proc.communicate(timeout=5)

@@ -1,1 +1,2 @@
-"""What leaves the box: the ZeroMQ PUB socket (``zmq_publisher``)."""
+"""What leaves the box: the ``Output`` interface every transport implements (``base``) and the
+ZeroMQ PUB socket (``zmq_publisher``)."""

@@ -4,13 +4,14 @@ Other threads hand it messages through a bounded queue and never wait: a full qu
 a subscriber at its high-water mark costs dropped (counted) messages, never a stalled
 scheduler. Every message gets a publisher-wide ``seq`` and a per-camera ``cam_seq`` so
 subscribers see exactly what they missed, plus the publisher's ``pub`` id so a restart
-reads as a restart, not as a gap. An idle publisher sends heartbeats.
+reads as a restart, not as a gap. An idle publisher sends heartbeats and, every
+``stats_interval_s``, a stats message. It is one ``Output`` (``outputs.base``): the output
+stage offers it the same ``Outbound`` records as every other transport.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import socket
@@ -23,13 +24,27 @@ import zmq
 
 from .. import protocol
 from ..config import PublisherConfig
-from ..entities import FrameResult
 from ..errors import PublishError
-from ..redact import scrub
 from ..security import (KeyFileError, ServerSecurity, apply_server, endpoint_is_loopback, load_allowed_keys,
                         load_secret_key_file)
 
+from .base import Outbound
+
 log = logging.getLogger("streamd.publisher")
+
+
+def topic_for(msg: Outbound) -> bytes:
+    """The PUB topic of a message: ``cam/<id>/...`` for a camera's, ``req/<client>/result``
+    for a request's result, ``sys/...`` for the daemon's own."""
+    if msg.kind == "detections":
+        return protocol.detections_topic(msg.key)
+    if msg.kind == "health":
+        return protocol.health_topic(msg.key)
+    if msg.kind == "result":
+        return f"req/{msg.key}/result".encode()
+    if msg.kind == "stats":
+        return protocol.TOPIC_STATS
+    return protocol.camera_prefix(msg.key) + msg.kind.encode()
 
 
 class Publisher(threading.Thread):
@@ -43,9 +58,9 @@ class Publisher(threading.Thread):
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self._ctx = context or zmq.Context.instance()
-        # (topic, body, attachment, deadline): a detections message carries the monotonic
-        # time after which it is too old to send (the age bound, judged at the socket).
-        self._queue: queue.Queue[tuple[bytes, dict[str, Any], bytes | None, float]] = queue.Queue(cfg.queue_size)
+        # A detections message carries the monotonic time after which it is too old to
+        # send (the age bound, judged at the socket).
+        self._queue: queue.Queue[Outbound] = queue.Queue(cfg.queue_size)
         self._on_stale = on_stale or (lambda camera_id: None)
         self._seq = 0
         self._cam_seq: dict[str, int] = {}
@@ -118,48 +133,24 @@ class Publisher(threading.Thread):
             self._own_ctx.term()
             self._own_ctx = None
 
-    # ---- called from any thread ----------------------------------------------------------
-    def _enqueue(self, topic: bytes, body: dict[str, Any], attachment: bytes | None = None,
-                 deadline: float = math.inf) -> bool:
+    # ---- the Output interface (called from any thread) -------------------------------------
+    def offer(self, msg: Outbound) -> None:
+        """Queue ``msg`` and return at once; a full queue drops it (counted)."""
         try:
-            self._queue.put_nowait((topic, body, attachment, deadline))
-            return True
+            self._queue.put_nowait(msg)
         except queue.Full:
             self.dropped += 1
-            return False
 
-    def publish_results(self, results: list[FrameResult], snapshots: list[bytes | None] | None = None,
-                        max_age_s: float | None = None) -> None:
-        """One detections message per result; ``snapshots[i]`` (JPEG bytes) rides along as
-        a third message part when given. With ``max_age_s``, a message whose frame is older
-        than that when its turn at the socket comes is not sent (``on_stale`` is told)."""
-        for i, r in enumerate(results):
-            jpeg = snapshots[i] if snapshots else None
-            body: dict[str, Any] = {
-                "type": protocol.TYPE_DETECTIONS,
-                "camera": r.camera_id,
-                "frame": r.frame_no,
-                "capture_ts": round(r.capture_ts, 6),
-                "width": r.width,
-                "height": r.height,
-                "detections": [
-                    {"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
-                     "box": [round(v, 1) for v in d.box]}
-                    for d in r.detections],
-                "timings_ms": {k: round(v * 1000, 2) for k, v in r.timings.items()},
-            }
-            if jpeg is not None:
-                body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(jpeg)}
-            deadline = r.capture_mono + max_age_s if max_age_s is not None else math.inf
-            self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg, deadline)
+    def counters(self) -> dict[str, int]:
+        return {"sent": self.sent, "dropped": self.dropped, "stale": self.stale}
 
-    def publish_request_result(self, client_id: str, body: dict[str, Any]) -> None:
-        self._enqueue(f"req/{client_id}/result".encode(), body)
-
-    def publish_health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
-        self._enqueue(protocol.health_topic(camera_id), {
-            "type": protocol.TYPE_HEALTH, "camera": camera_id, "state": state,
-            "previous": previous, "reason": scrub(reason)})
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Send what is queued (within ``timeout_s``), then close the socket."""
+        self.stop()
+        if self.is_alive():
+            self.join(timeout_s)
+        else:
+            self.close_socket()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -178,12 +169,15 @@ class Publisher(threading.Thread):
                     item = None
                 now = time.monotonic()
                 if item is not None:
-                    topic, body, attachment, deadline = item
-                    if now > deadline:
+                    if now > item.deadline:
                         self.stale += 1
-                        self._on_stale(body.get("camera", ""))
+                        self._on_stale(item.key)
                     else:
-                        self._send(sock, topic, body, attachment)
+                        # A copy: the same body goes to every transport, each adds its own envelope.
+                        body = dict(item.body)
+                        if item.attachment is not None:
+                            body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(item.attachment)}
+                        self._send(sock, topic_for(item), body, item.attachment)
                         last_sent = now
                 elif self.stop_event.is_set():
                     break   # drained: everything accepted before stop went out

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Union
 
 from ..backends.base import ModelInfo
-from ..entities import Frame, as_frame
+from ..entities import Frame, Request
 from .preprocess import net_shape_for
 from .queues import QueueSet
+from .requests import RequestQueue
 
 Shape = tuple[int, int]   # (net_h, net_w)
+Item = Union[Frame, Request]   # what a batch holds: camera frames and on-demand pictures
 
 
 class InferenceTime:
@@ -50,7 +52,7 @@ class InferenceTime:
 class Draft:
     """A batch being closed: what it holds and the latest moment it may finish."""
 
-    frames: list[Frame] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     shape: Shape | None = None
     finish_by: float = float("inf")      # monotonic; the tightest camera frame's age bound
     full: bool = False                   # the age budget admits no further frame
@@ -59,10 +61,10 @@ class Draft:
 class BatchPolicy:
     """Fills a ``Draft`` from the camera queues and the request queue (caller holds the lock)."""
 
-    def __init__(self, queues: QueueSet, requests: Any, request_share: float, max_batch: int,
+    def __init__(self, queues: QueueSet, requests: RequestQueue | None, request_share: float, max_batch: int,
                  info: ModelInfo, timing: InferenceTime, on_frame_dropped: Callable[[str, str], None]) -> None:
         self.queues = queues
-        self.requests = requests            # streamd.service.requests.RequestQueue, or None
+        self.requests = requests
         self.request_share = request_share
         self.max_batch = max_batch
         self._info = info
@@ -74,36 +76,38 @@ class BatchPolicy:
         self._rr_next = 0
         self._share_req = self._share_cam = 0.0   # recent slots of contended batches, by side
 
-    def net_shape(self, frame: Frame) -> Shape:
-        """The input shape ``frame`` is inferred at: its own aspect on a model that takes any
+    def net_shape(self, item: Item) -> Shape:
+        """The input shape ``item`` is inferred at: its own aspect on a model that takes any
         H x W, else the model's one size."""
         if not self._dynamic_hw:
             return self._info.input_hw
-        w, h = frame.size
+        w, h = item.size
         return net_shape_for(w, h, self._info.input_hw, self._stride)
 
-    def _admit(self, d: Draft, frame: Frame, now: float, bound: float) -> str:
+    def _admit(self, d: Draft, item: Item, now: float, bound: float) -> str:
         """'take', 'drop' (too old to be published in time even alone), 'skip' (another
-        shape: left for another batch) or 'full' (would make the batch finish too late)."""
-        shape = self.net_shape(frame)
+        shape: left for another batch) or 'full' (would make the batch finish too late).
+        A request has no age bound of its own (its front door times it out)."""
+        shape = self.net_shape(item)
         if d.shape is not None and shape != d.shape:
             return "skip"
-        finish_by = d.finish_by if frame.request is not None else min(d.finish_by, frame.capture_mono + bound)
-        done = now + self.timing.estimate(len(d.frames) + 1, shape) + self.post_s
+        camera = isinstance(item, Frame)
+        finish_by = min(d.finish_by, item.capture_mono + bound) if camera else d.finish_by
+        done = now + self.timing.estimate(len(d.items) + 1, shape) + self.post_s
         if done <= finish_by:
             return "take"
-        if frame.request is None and frame.capture_mono + bound < now + self.timing.estimate(1, shape) + self.post_s:
+        if camera and item.capture_mono + bound < now + self.timing.estimate(1, shape) + self.post_s:
             return "drop"
-        if not d.frames:
+        if not d.items:
             return "take"        # a batch of one the estimate doubts: inferring beats waiting
         return "full"
 
-    def _add(self, d: Draft, frame: Frame, bound: float) -> None:
+    def _add(self, d: Draft, item: Item, bound: float) -> None:
         if d.shape is None:
-            d.shape = self.net_shape(frame)
-        if frame.request is None:
-            d.finish_by = min(d.finish_by, frame.capture_mono + bound)
-        d.frames.append(frame)
+            d.shape = self.net_shape(item)
+        if isinstance(item, Frame):
+            d.finish_by = min(d.finish_by, item.capture_mono + bound)
+        d.items.append(item)
 
     def _take_round_robin(self, d: Draft, want: int, now: float, bound: float) -> None:
         """Take up to ``want`` frames, one per camera per pass, starting after the camera
@@ -142,19 +146,19 @@ class BatchPolicy:
                     break
 
     def _take_requests(self, d: Draft, want: int, now: float, bound: float) -> None:
+        assert self.requests is not None
         while want > 0 and not d.full:
             req = self.requests.peek_locked()
             if req is None:
                 return
-            verdict = self._admit(d, as_frame(req), now, bound)
+            verdict = self._admit(d, req, now, bound)
             if verdict == "skip":
                 return
             if verdict == "full":
                 d.full = True
                 return
             self.requests.pop_locked()
-            req.started_mono = now
-            self._add(d, as_frame(req), bound)
+            self._add(d, req, bound)
             want -= 1
 
     def take(self, d: Draft, now: float, bound: float) -> None:
@@ -163,7 +167,7 @@ class BatchPolicy:
         other; whatever one side leaves unused, the other may take. A batch holds one input
         shape, so when a request's picture and the cameras differ in shape, whole batches
         alternate between them in the same proportion."""
-        want = self.max_batch - len(d.frames)
+        want = self.max_batch - len(d.items)
         reqs = self.requests
         if reqs is None or not len(reqs):
             self._take_round_robin(d, want, now, bound)
@@ -173,22 +177,22 @@ class BatchPolicy:
             self._take_requests(d, want, now, bound)
             return
         reserve = max(1, round(self.request_share * self.max_batch))
-        start = len(d.frames)
-        requests_lead = d.frames[0].request is not None if d.frames else \
+        start = len(d.items)
+        requests_lead = isinstance(d.items[0], Request) if d.items else \
             self._share_req <= self.request_share * (self._share_req + self._share_cam)
         if requests_lead:
             self._take_requests(d, min(want, reserve), now, bound)
-            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
+            self._take_round_robin(d, want - (len(d.items) - start), now, bound)
         else:
             self._take_round_robin(d, max(1, want - reserve), now, bound)
-            self._take_requests(d, want - (len(d.frames) - start), now, bound)
-            self._take_round_robin(d, want - (len(d.frames) - start), now, bound)
-        self._take_requests(d, want - (len(d.frames) - start), now, bound)
+            self._take_requests(d, want - (len(d.items) - start), now, bound)
+            self._take_round_robin(d, want - (len(d.items) - start), now, bound)
+        self._take_requests(d, want - (len(d.items) - start), now, bound)
 
     def note_share(self, d: Draft) -> None:
         """Remember (with a fading memory) how the slots of batches went while both sides waited."""
-        n_req = sum(1 for f in d.frames if f.request is not None)
+        n_req = sum(1 for it in d.items if isinstance(it, Request))
         if self.requests is None or (n_req == 0 and not len(self.requests)):
             return
         self._share_req = 0.9 * self._share_req + n_req
-        self._share_cam = 0.9 * self._share_cam + len(d.frames) - n_req
+        self._share_cam = 0.9 * self._share_cam + len(d.items) - n_req

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..entities import Detection
+from ..errors import ConfigError
 from ..manifest import LAYOUT_END2END, LAYOUT_RAW
 from .preprocess import Letterbox
 
@@ -27,6 +29,27 @@ class PostprocessParams:
     iou: float = 0.7
     max_det: int = 300
     classes: frozenset[int] | None = None   # keep only these class ids (None: all)
+
+
+def postprocess_params(model: ModelConfig, names: dict[int, str]) -> PostprocessParams:
+    """The daemon's thresholds from its config; class names resolved against the model's."""
+    classes: frozenset[int] | None = None
+    if model.classes:
+        by_name = {v.lower(): k for k, v in names.items()}
+        ids = set()
+        for i, c in enumerate(model.classes):
+            if isinstance(c, int):
+                if c not in names:
+                    raise ConfigError(f"class id {c} is not in the model (0-{max(names)})",
+                                      field=f"model.classes[{i}]")
+                ids.add(c)
+            else:
+                if c.lower() not in by_name:
+                    raise ConfigError(f"class '{c}' is not in the model ({', '.join(names.values())})",
+                                      field=f"model.classes[{i}]")
+                ids.add(by_name[c.lower()])
+        classes = frozenset(ids)
+    return PostprocessParams(conf=model.conf, iou=model.iou, max_det=model.max_det, classes=classes)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, max_keep: int) -> np.ndarray:

@@ -7,7 +7,11 @@
                        can still be published inside the frame-age bound; then it
                        letterboxes into its own buffer and infers.
     post thread        decode + NMS, boxes back to frame pixels, the age bound checked once
-                       more, results handed to the sink in the order batches were closed.
+                       more, results handed to the sink (the output stage) in the order
+                       batches were closed: camera results and request results apart.
+
+Two inputs: the cameras' ring queues and the on-demand ``RequestQueue``; a batch may hold
+both (``batching`` decides the share).
 
 Closing a batch only when a worker can run it at once means no frame waits in a prepared
 batch behind another inference: what is inferred is as fresh as the cameras allow. A batch
@@ -23,18 +27,19 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from ..backends.base import Backend
 from ..backends.pool import BackendPool
 from ..config import SchedulerConfig
-from ..entities import Frame, FrameResult
-from .batching import BatchPolicy, Draft, InferenceTime, Shape
+from ..entities import Detection, Frame, FrameResult, Request, RequestResult
+from .batching import BatchPolicy, Draft, InferenceTime, Item, Shape
 from .postprocess import PostprocessParams, postprocess
 from .preprocess import BatchBuffer, Letterbox
 from .queues import QueueSet, RingQueue
+from .requests import RequestQueue
 
 log = logging.getLogger("streamd.scheduler")
 
@@ -47,7 +52,7 @@ _HANDOVER_S = 0.01     # kept from the age bound for the publisher's thread to s
 class Batch:
     ticket: int                          # order in which batches were closed
     worker: int
-    frames: list[Frame]
+    items: list[Item]                    # camera frames and requests
     shape: Shape
     t_closed: float                      # monotonic: batch closed (frames taken)
     letterboxes: list[Letterbox] = field(default_factory=list)
@@ -74,7 +79,14 @@ class SchedulerStats:
     infer_s: deque[float] = field(default_factory=lambda: deque(maxlen=512))
 
 
-ResultSink = Callable[[list[FrameResult], list[Frame]], None]   # results and their frames
+class ResultSink(Protocol):
+    """Where the post thread hands results (the output stage); called on the post thread only."""
+
+    def results(self, results: list[FrameResult], frames: list[Frame]) -> None:
+        """Camera results, with the frames they came from (for snapshots)."""
+
+    def request_results(self, results: list[RequestResult]) -> None:
+        """Results of on-demand requests."""
 
 
 class _Worker(threading.Thread):
@@ -111,7 +123,8 @@ class Pipeline:
 
     def __init__(self, backend: Backend | BackendPool, cfg: SchedulerConfig, params: PostprocessParams,
                  sink: ResultSink, on_frame_dropped: Callable[[str, str], None] | None = None,
-                 queues: QueueSet | None = None, requests: Any = None, request_share: float = 0.25) -> None:
+                 queues: QueueSet | None = None, requests: RequestQueue | None = None,
+                 request_share: float = 0.25) -> None:
         self.pool = backend if isinstance(backend, BackendPool) else BackendPool.of(backend)
         self.cfg = cfg
         self.params = params
@@ -142,12 +155,6 @@ class Pipeline:
     # ---- cameras -------------------------------------------------------------------------
     def add_queue(self, camera_id: str, depth: int) -> RingQueue:
         return self.queues.add(camera_id, depth)
-
-    def remove_queue(self, camera_id: str) -> None:
-        self.queues.remove(camera_id)
-
-    def queue_depths(self) -> dict[str, int]:
-        return self.queues.depths()
 
     def _dropped_at_take(self, camera_id: str, cause: str) -> None:
         self.stats.too_old_at_take += 1
@@ -213,9 +220,6 @@ class Pipeline:
         return next((t.error for t in self.threads if t.error is not None), None)
 
     # ---- closing a batch (caller holds self.ready) --------------------------------------------
-    def net_shape(self, frame: Frame) -> Shape:
-        return self.policy.net_shape(frame)
-
     def _close_batch(self, stop: threading.Event, worker: int) -> Batch | None:
         """Wait for frames, then close a batch: when it is full, when the age budget admits
         no more, or ``max_wait_ms`` after its first frame. Runs when this worker is free."""
@@ -226,21 +230,21 @@ class Pipeline:
             while not stop.is_set():
                 now = time.monotonic()
                 self.policy.take(d, now, bound)
-                if len(d.frames) >= self.max_batch or d.full:
+                if len(d.items) >= self.max_batch or d.full:
                     break
-                if d.frames and deadline is None:
+                if d.items and deadline is None:
                     deadline = now + self.cfg.max_wait_ms / 1000.0
                 if deadline is not None and now >= deadline:
                     break
                 self.ready.wait(_POLL_S if deadline is None else min(_POLL_S, deadline - now))
-            if not d.frames:
+            if not d.items:
                 return None
             # Tickets are handed out under the lock, in the order batches close: the post
             # thread publishes in this order, so a camera's frames never overtake each other.
             ticket = next(self._tickets)
             self.policy.note_share(d)
         assert d.shape is not None
-        return Batch(ticket, worker, d.frames, d.shape, time.monotonic())
+        return Batch(ticket, worker, d.items, d.shape, time.monotonic())
 
     # ---- worker threads -----------------------------------------------------------------------
     def _buffer(self, w: _WorkerState, shape: Shape) -> BatchBuffer:
@@ -259,7 +263,7 @@ class Pipeline:
             if batch is None:
                 continue
             try:
-                tensor, batch.letterboxes = self._buffer(w, batch.shape).fill([f.image for f in batch.frames])
+                tensor, batch.letterboxes = self._buffer(w, batch.shape).fill([it.image for it in batch.items])
                 batch.t_preprocessed = batch.t_infer_start = w.infer_since = time.monotonic()
                 batch.outputs = w.backend.infer(tensor)
                 batch.t_inferred = time.monotonic()
@@ -275,7 +279,7 @@ class Pipeline:
             self._count(w, batch)
 
     def _count(self, w: _WorkerState, batch: Batch) -> None:
-        n = len(batch.frames)
+        n = len(batch.items)
         dt = batch.t_inferred - batch.t_infer_start
         self.timing.observe(n, batch.shape, dt)
         st = self.stats
@@ -286,8 +290,8 @@ class Pipeline:
         st.infer_s_total += dt
         st.preprocess_s_total += batch.t_preprocessed - batch.t_closed
         st.infer_s.append(dt)
-        for f in batch.frames:
-            st.queue_s.append(batch.t_closed - f.capture_mono)
+        for it in batch.items:
+            st.queue_s.append(batch.t_closed - _since(it))
         st.last_progress_mono = batch.t_inferred
 
     def _hand_over(self, batch: Batch) -> None:
@@ -300,15 +304,15 @@ class Pipeline:
                     raise RuntimeError("postprocess thread is gone; cannot hand over results") from None
 
     # ---- post thread ------------------------------------------------------------------------
-    def _postprocess(self, batch: Batch) -> list[tuple]:
+    def _postprocess(self, batch: Batch) -> list[tuple[Detection, ...]]:
         """Decode the batch; requests with their own thresholds are decoded with those."""
         assert batch.outputs is not None
         info = self.info
-        groups = _split_params(batch.frames, self.params)
+        groups = _split_params(batch.items, self.params)
         if len(groups) == 1:
             (params,) = groups
             return postprocess(batch.outputs, info.output_layout, batch.letterboxes, info.names, params)
-        out: list[tuple] = [()] * len(batch.frames)
+        out: list[tuple[Detection, ...]] = [()] * len(batch.items)
         for params, idx in groups.items():
             dets = postprocess(batch.outputs[idx], info.output_layout, [batch.letterboxes[i] for i in idx],
                                info.names, params)
@@ -349,32 +353,46 @@ class Pipeline:
         # to put them on the wire.
         bound = self.age_bound_s() - _HANDOVER_S
         now = time.monotonic()
-        results, frames = [], []
-        for frame, d in zip(batch.frames, dets):
+        infer_s = batch.t_inferred - batch.t_infer_start
+        results: list[FrameResult] = []
+        frames: list[Frame] = []
+        answered: list[RequestResult] = []
+        for item, d in zip(batch.items, dets):
+            if isinstance(item, Request):
+                answered.append(RequestResult(item, d, queue_s=max(0.0, batch.t_closed - item.received_mono),
+                                              infer_s=infer_s, done_mono=t1))
+                continue
+            frame = item
+            self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
+            # The bound holds end to end: a frame the estimate let through but that is
+            # too old by now is not published as if it were fresh.
+            if now - frame.capture_mono > bound:
+                self.stats.too_old_at_publish += 1
+                self.on_frame_dropped(frame.camera_id, "too_old")
+                continue
             w, h = frame.size
-            if frame.request is None:
-                self.inferred_per_camera[frame.camera_id] = self.inferred_per_camera.get(frame.camera_id, 0) + 1
-                # The bound holds end to end: a frame the estimate let through but that is
-                # too old by now is not published as if it were fresh.
-                if now - frame.capture_mono > bound:
-                    self.stats.too_old_at_publish += 1
-                    self.on_frame_dropped(frame.camera_id, "too_old")
-                    continue
             frames.append(frame)
             results.append(FrameResult(
                 frame.camera_id, frame.frame_no, frame.capture_ts, frame.capture_mono, w, h, d,
                 timings={"queue": batch.t_closed - frame.capture_mono,
                          "preprocess": batch.t_preprocessed - batch.t_closed,
                          "infer_wait": batch.t_infer_start - batch.t_preprocessed,
-                         "infer": batch.t_inferred - batch.t_infer_start,
+                         "infer": infer_s,
                          "post": t1 - t0}))
+        if answered:
+            self.sink.request_results(answered)
         if results:
-            self.sink(results, frames)
+            self.sink.results(results, frames)
 
 
-def _split_params(frames: list[Frame], default: PostprocessParams) -> dict[PostprocessParams, list[int]]:
+def _since(item: Item) -> float:
+    """Monotonic time ``item`` entered the daemon: captured, or accepted."""
+    return item.capture_mono if isinstance(item, Frame) else item.received_mono
+
+
+def _split_params(items: list[Item], default: PostprocessParams) -> dict[PostprocessParams, list[int]]:
     groups: dict[PostprocessParams, list[int]] = {}
-    for i, f in enumerate(frames):
-        p = f.request.params if f.request is not None and f.request.params is not None else default
+    for i, it in enumerate(items):
+        p = it.params if isinstance(it, Request) and it.params is not None else default
         groups.setdefault(p, []).append(i)
     return groups

@@ -16,16 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from ..backends import backend_for
 from ..backends.pool import BackendPool, open_pool
 from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
-from ..entities import Frame, FrameResult
-from ..errors import ConfigError, StreamdError
+from ..errors import StreamdError
 from ..outputs.zmq_publisher import Publisher
-from ..pipeline.postprocess import PostprocessParams
+from ..pipeline.output import OutputStage
+from ..pipeline.output.snapshots import SnapshotPolicy
+from ..pipeline.postprocess import PostprocessParams, postprocess_params
 from ..pipeline.queues import QueueSet
+from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
@@ -36,27 +36,6 @@ from .systemd import Notifier, Watchdog
 log = logging.getLogger("streamd.daemon")
 
 CAMERA_JOIN_S = 3.0   # a decoder inside a native read returns within its read timeout
-
-
-def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
-    classes: frozenset[int] | None = None
-    if cfg.model.classes:
-        by_name = {v.lower(): k for k, v in names.items()}
-        ids = set()
-        for i, c in enumerate(cfg.model.classes):
-            if isinstance(c, int):
-                if c not in names:
-                    raise ConfigError(f"class id {c} is not in the model (0-{max(names)})",
-                                      field=f"model.classes[{i}]")
-                ids.add(c)
-            else:
-                if c.lower() not in by_name:
-                    raise ConfigError(f"class '{c}' is not in the model ({', '.join(names.values())})",
-                                      field=f"model.classes[{i}]")
-                ids.add(by_name[c.lower()])
-        classes = frozenset(ids)
-    return PostprocessParams(conf=cfg.model.conf, iou=cfg.model.iou, max_det=cfg.model.max_det,
-                             classes=classes)
 
 
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
@@ -88,7 +67,6 @@ class Daemon:
         self.started_at = time.time()
         self.cameras: dict[str, CameraSource] = {}
         self.queues = QueueSet()
-        self._last_snapshot: dict[str, float] = {}
         self._camera_restarts: dict[str, tuple[int, float]] = {}   # id -> (restarts, not before)
         self._rng = random.Random()
         self.reloads = {"ok": 0, "failed": 0}
@@ -104,14 +82,19 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
+        # The scheduler's second input; front doors (the ROUTER socket) feed it.
+        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) if cfg.requests.enabled \
+            else None
         try:
-            params = postprocess_params(cfg, self.backend.info.names)
+            params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
                                        on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
-            if cfg.requests.enabled:
-                self.request_server = RequestServer(cfg.requests, self.queues.ready, self.backend.info.names,
-                                                    default_params=lambda: self.pipeline.params,
-                                                    publish=self.publisher.publish_request_result)
+            self.output = OutputStage([self.publisher], SnapshotPolicy(self._camera_settings),
+                                      age_bound=lambda: self.pipeline.age_bound_s(),
+                                      observe=self.pipeline_metrics.observe_results)
+            if self.request_queue is not None:
+                self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
+                                                    default_params=lambda: self.pipeline.params)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
@@ -128,44 +111,13 @@ class Daemon:
             raise
 
     def _make_pipeline(self, backend: BackendPool, cfg: Config, params: PostprocessParams) -> Pipeline:
-        return Pipeline(backend, cfg.scheduler, params, self._on_results,
-                        on_frame_dropped=self._on_frame_dropped, queues=self.queues,
-                        requests=self.request_server.queue if self.request_server is not None else None,
-                        request_share=cfg.requests.share)
+        return Pipeline(backend, cfg.scheduler, params, self.output, on_frame_dropped=self._on_frame_dropped,
+                        queues=self.queues, requests=self.request_queue, request_share=cfg.requests.share)
 
     # ---- callbacks from stage threads ---------------------------------------------------------
-    def _on_results(self, results: list[FrameResult], frames: list[Frame]) -> None:
-        """Runs on the post thread: answer requests, attach the snapshots cameras asked for,
-        then publish."""
-        if any(f.request is not None for f in frames):
-            cams = []
-            for r, f in zip(results, frames):
-                if f.request is None:
-                    cams.append((r, f))
-                elif self.request_server is not None:
-                    self.request_server.complete(f.request, r.detections, r.timings.get("infer", 0.0))
-            results, frames = [r for r, _ in cams], [f for _, f in cams]
-            if not results:
-                return
-        snaps: list[bytes | None] | None = None
-        for i, (r, f) in enumerate(zip(results, frames)):
-            src = self.cameras.get(r.camera_id)
-            if src is None or not self._wants_snapshot(src, r):
-                continue
-            ok, buf = cv2.imencode(".jpg", f.image, [cv2.IMWRITE_JPEG_QUALITY, src.cam.snapshot_quality])
-            if ok:
-                snaps = snaps or [None] * len(results)
-                snaps[i] = buf.tobytes()
-                self._last_snapshot[r.camera_id] = r.capture_mono
-        self.publisher.publish_results(results, snaps, max_age_s=self.pipeline.age_bound_s())
-        self.pipeline_metrics.observe_results(results)
-
-    def _wants_snapshot(self, src: CameraSource, r: FrameResult) -> bool:
-        mode = src.cam.snapshot
-        if mode == "off" or (mode == "on_detection" and not r.detections):
-            return False
-        last = self._last_snapshot.get(r.camera_id)
-        return last is None or r.capture_mono - last >= src.cam.snapshot_interval_s
+    def _camera_settings(self, camera_id: str) -> CameraConfig | None:
+        src = self.cameras.get(camera_id)
+        return src.cam if src is not None else None
 
     def _on_frame_dropped(self, camera_id: str, cause: str) -> None:
         cam = self.cameras.get(camera_id)
@@ -175,7 +127,7 @@ class Daemon:
     # ---- cameras ----------------------------------------------------------------------------------
     def _start_camera(self, cam_cfg: CameraConfig, cfg: Config) -> None:
         q = self.queues.add(cam_cfg.id, cam_cfg.queue_depth)
-        src = CameraSource(cam_cfg, cfg.sources, q, self.publisher.publish_health)
+        src = CameraSource(cam_cfg, cfg.sources, q, self.output.health)
         self.cameras[cam_cfg.id] = src
         src.start()
 
@@ -191,7 +143,7 @@ class Daemon:
         err = dead.error
         log.warning("camera=%s decoder thread died (%s); restarting it", cam_id,
                     scrub(f"{type(err).__name__}: {err}"))
-        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.publisher.publish_health)
+        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.output.health)
         src.stats = dead.stats          # counters stay monotonic for metrics
         src.stats.reconnects += 1
         self.cameras[cam_id] = src
@@ -203,7 +155,7 @@ class Daemon:
     def _stop_camera(self, cam_id: str, reason: str) -> None:
         src = self.cameras.pop(cam_id, None)
         self.queues.remove(cam_id)
-        self._last_snapshot.pop(cam_id, None)
+        self.output.snapshots.forget(cam_id)
         self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
@@ -316,8 +268,8 @@ class Daemon:
             self.request_server.fail_all_pending("the daemon is shutting down")
             self.request_server.stop()
             self.request_server.join(max(0.5, deadline - time.monotonic()))
-        self.publisher.stop()
-        self.publisher.join(max(0.5, deadline - time.monotonic()))
+        for out in self.output.outputs:     # each sends what it holds, then lets go of its connection
+            out.close(max(0.5, deadline - time.monotonic()))
         self.backend.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -351,7 +303,7 @@ class Daemon:
             model_changed = _model_identity(new.model, new.scheduler) != self._model_id
             backend = _load_backend(new.model, new.scheduler) if model_changed else self.backend
             try:
-                params = postprocess_params(new, backend.info.names)
+                params = postprocess_params(new.model, backend.info.names)
             except BaseException:
                 if backend is not self.backend:
                     backend.close()

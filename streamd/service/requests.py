@@ -8,14 +8,15 @@ later), or ``error`` naming the problem. The result comes later on the same conn
 request is answered exactly once: a result, or an error (timeout, shutdown, failure).
 Full message description: docs/PROTOCOL.md.
 
-Only the server thread touches the ROUTER socket; other threads hand it replies through
-a queue.
+This module is the ZeroMQ front door only: accepted requests go into the transport-agnostic
+``streamd.pipeline.requests.RequestQueue`` the scheduler takes from, and results come back
+through the output stage, which calls ``answer`` here (the ``ReplyChannel`` of
+``streamd.entities``). Only the server thread touches the ROUTER socket; other threads hand
+it replies through a queue.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import logging
 import queue
@@ -31,10 +32,10 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import CAMERA_ID, RequestsConfig
-# as_frame is defined with the records so the scheduler needs nothing from the service layer.
-from ..entities import Detection, as_frame  # noqa: F401
+from ..entities import Request, RequestResult
 from ..errors import PublishError
 from ..pipeline.postprocess import PostprocessParams
+from ..pipeline.requests import RequestQueue
 from .metrics import Counter, Histogram, LATENCY_BUCKETS, MetricFamily
 
 log = logging.getLogger("streamd.requests")
@@ -54,67 +55,6 @@ class RequestHeader(BaseModel):
     iou: float | None = Field(None, gt=0, le=1)
     max_det: int | None = Field(None, ge=1, le=10000)
     classes: list[int] | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    task_id: str
-    envelope: list[bytes]            # ROUTER routing frames (identity, and b"" for REQ clients)
-    header: RequestHeader
-    image: np.ndarray
-    params: PostprocessParams | None
-    received_mono: float
-    received_ts: float
-    started_mono: float = 0.0        # taken into a batch
-    seq: int = 0
-
-    @property
-    def client_id(self) -> str:
-        return self.header.client_id or "anonymous"
-
-
-class RequestQueue:
-    """Bounded priority queue (highest priority first, then oldest), sharing the cameras'
-    Condition so the scheduler wakes for a request as for a frame."""
-
-    def __init__(self, size: int, ready: threading.Condition) -> None:
-        self._heap: list[tuple[int, int, Request]] = []
-        self._size = size
-        self._ready = ready
-        self._seq = itertools.count()
-
-    def offer(self, req: Request) -> bool:
-        with self._ready:
-            if len(self._heap) >= self._size:
-                return False
-            req.seq = next(self._seq)
-            heapq.heappush(self._heap, (-req.header.priority, req.seq, req))
-            self._ready.notify()
-            return True
-
-    def pop_locked(self) -> Request | None:
-        return heapq.heappop(self._heap)[2] if self._heap else None
-
-    def peek_locked(self) -> Request | None:
-        """The request ``pop_locked`` would return, left in place."""
-        return self._heap[0][2] if self._heap else None
-
-    def take_expired(self, older_than_mono: float) -> list[Request]:
-        with self._ready:
-            expired = [r for _, _, r in self._heap if r.received_mono < older_than_mono]
-            if expired:
-                self._heap = [e for e in self._heap if e[2].received_mono >= older_than_mono]
-                heapq.heapify(self._heap)
-            return expired
-
-    def drain(self) -> list[Request]:
-        with self._ready:
-            out = [r for _, _, r in self._heap]
-            self._heap.clear()
-            return out
-
-    def __len__(self) -> int:
-        return len(self._heap)
 
 
 class RequestMetrics:
@@ -143,19 +83,16 @@ class RequestMetrics:
 class RequestServer(threading.Thread):
     """The thread that owns the ROUTER socket."""
 
-    def __init__(self, cfg: RequestsConfig, ready: threading.Condition, names: dict[int, str],
-                 default_params: Callable[[], PostprocessParams],
-                 publish: Callable[[str, dict[str, Any]], None] | None = None,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: RequestsConfig, requests: RequestQueue, names: dict[int, str],
+                 default_params: Callable[[], PostprocessParams], context: zmq.Context | None = None) -> None:
         super().__init__(name="requests", daemon=True)
         self.cfg = cfg
-        self.queue = RequestQueue(cfg.queue_size, ready)
+        self.queue = requests
         self.metrics = RequestMetrics()
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self._names = names
         self._default_params = default_params
-        self._publish = publish
         self._outbox: queue.Queue[tuple[list[bytes], dict[str, Any]]] = queue.Queue()
         self._pending: dict[str, Request] = {}      # accepted, not yet answered
         self._lock = threading.Lock()
@@ -173,41 +110,32 @@ class RequestServer(threading.Thread):
         self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._sock = sock
 
-    # ---- called from other threads ---------------------------------------------------------------
-    def complete(self, req: Request, detections: tuple[Detection, ...], infer_s: float) -> None:
-        """The post thread delivers a result. Ignored if this task was already answered."""
+    # ---- called from other threads (the ReplyChannel) ---------------------------------------------
+    def answer(self, result: RequestResult, body: dict[str, Any]) -> bool:
+        """The output stage delivers a result; False if this task was already answered."""
+        req = result.request
         if not self._claim(req.task_id):
-            return
-        now = time.monotonic()
-        queue_s = max(0.0, req.started_mono - req.received_mono) if req.started_mono else 0.0
-        h, w = req.image.shape[:2]
-        body = {"type": "result", "task_id": req.task_id, "request_id": req.header.request_id,
-                "client_id": req.header.client_id, "width": w, "height": h,
-                "detections": [{"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
-                                "box": [round(v, 1) for v in d.box]} for d in detections],
-                "timings_ms": {"queue": round(1000 * queue_s, 2), "infer": round(1000 * infer_s, 2),
-                               "total": round(1000 * (now - req.received_mono), 2)}}
-        self.metrics.queue_seconds.observe(queue_s)
-        self.metrics.inference_seconds.observe(infer_s)
-        self.metrics.total_seconds.observe(now - req.received_mono)
+            return False
+        self.metrics.queue_seconds.observe(result.queue_s)
+        self.metrics.inference_seconds.observe(result.infer_s)
+        self.metrics.total_seconds.observe(time.monotonic() - req.received_mono)
         self.metrics.outcomes.labels(outcome="completed").inc()
-        self._outbox.put((req.envelope, body))
-        if self._publish is not None:
-            self._publish(req.client_id, dict(body))
+        self._outbox.put((req.route, body))
+        return True
 
-    def fail(self, req: Request, reason: str) -> None:
-        if not self._claim(req.task_id):
+    def fail(self, request: Request, reason: str) -> None:
+        if not self._claim(request.task_id):
             return
         self.metrics.outcomes.labels(outcome="failed").inc()
-        self._outbox.put((req.envelope, {"type": "error", "task_id": req.task_id,
-                                         "request_id": req.header.request_id, "error": reason}))
+        self._outbox.put((request.route, {"type": "error", "task_id": request.task_id,
+                                          "request_id": request.request_id, "error": reason}))
 
     def stop_accepting(self) -> None:
         self._accepting = False
 
     def fail_all_pending(self, reason: str) -> int:
         for req in self.queue.drain():
-            self.fail(req, reason)
+            req.reply_to.fail(req, reason)
         with self._lock:
             left = list(self._pending.values())
         for req in left:
@@ -246,7 +174,7 @@ class RequestServer(threading.Thread):
                 if now >= next_expiry:
                     next_expiry = now + 0.5
                     for req in self.queue.take_expired(now - self.cfg.timeout_s):
-                        self.fail(req, f"not processed within {self.cfg.timeout_s:g}s (the model is overloaded)")
+                        req.reply_to.fail(req, f"not processed within {self.cfg.timeout_s:g}s (the model is overloaded)")
                 if self.stop_event.is_set() and self._outbox.empty():
                     break
         except BaseException as exc:  # noqa: BLE001 - recorded for the supervisor
@@ -328,7 +256,9 @@ class RequestServer(threading.Thread):
                 iou=header.iou if header.iou is not None else d.iou,
                 max_det=header.max_det if header.max_det is not None else d.max_det,
                 classes=frozenset(header.classes) if header.classes is not None else d.classes)
-        req = Request(uuid.uuid4().hex[:16], envelope, header, image, params, time.monotonic(), time.time())
+        req = Request(uuid.uuid4().hex[:16], image, time.time(), time.monotonic(), reply_to=self, route=envelope,
+                      params=params, priority=header.priority, client_id=header.client_id,
+                      request_id=header.request_id)
         with self._lock:
             self._pending[req.task_id] = req
         if not self.queue.offer(req):

@@ -1,0 +1,44 @@
+"""Which results carry a JPEG of their frame, and the encoding.
+
+Per camera (``snapshot``: off, on_detection, always; at most one per
+``snapshot_interval_s``; ``snapshot_quality``). Called on the post thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+
+from ...config import CameraConfig
+from ...entities import Frame, FrameResult
+
+CameraSettings = Callable[[str], "CameraConfig | None"]   # camera id -> its config (None: gone)
+
+
+class SnapshotPolicy:
+    def __init__(self, settings: CameraSettings) -> None:
+        self._settings = settings
+        self._last: dict[str, float] = {}       # camera id -> capture_mono of its last snapshot
+
+    def wants(self, cam: CameraConfig, r: FrameResult) -> bool:
+        mode = cam.snapshot
+        if mode == "off" or (mode == "on_detection" and not r.detections):
+            return False
+        last = self._last.get(r.camera_id)
+        return last is None or r.capture_mono - last >= cam.snapshot_interval_s
+
+    def take(self, r: FrameResult, frame: Frame) -> bytes | None:
+        """JPEG bytes of ``frame`` when its camera wants a snapshot now, else None."""
+        cam = self._settings(r.camera_id)
+        if cam is None or not self.wants(cam, r):
+            return None
+        ok, buf = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, cam.snapshot_quality])
+        if not ok:
+            return None
+        self._last[r.camera_id] = r.capture_mono
+        return buf.tobytes()
+
+    def forget(self, camera_id: str) -> None:
+        """A camera removed or restarted starts its interval afresh."""
+        self._last.pop(camera_id, None)

@@ -1,0 +1,52 @@
+"""The output stage: the scheduler's post thread hands it results; it builds the messages
+(with snapshots where cameras want them), answers requests through their front door, and
+offers every message to each transport. Nothing here waits on a network: transports queue
+and drop (counted) rather than block.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from ...entities import Frame, FrameResult, RequestResult
+from ...outputs.base import Outbound, Output
+from .messages import detections_message, health_message, request_result_body, request_result_message
+from .snapshots import SnapshotPolicy
+
+log = logging.getLogger("streamd.output")
+
+
+class OutputStage:
+    """Implements the scheduler's ``ResultSink``; also the cameras' health callback."""
+
+    def __init__(self, outputs: Sequence[Output], snapshots: SnapshotPolicy, age_bound: Callable[[], float],
+                 observe: Callable[[list[FrameResult]], None] | None = None) -> None:
+        self.outputs = list(outputs)
+        self.snapshots = snapshots
+        self._age_bound = age_bound          # seconds; the scheduler's current frame-age bound
+        self._observe = observe or (lambda results: None)
+
+    def results(self, results: list[FrameResult], frames: list[Frame]) -> None:
+        bound = self._age_bound()
+        for r, f in zip(results, frames):
+            self.fan_out(detections_message(r, bound, self.snapshots.take(r, f)))
+        self._observe(results)
+
+    def request_results(self, results: list[RequestResult]) -> None:
+        for rr in results:
+            body = request_result_body(rr)
+            # The front door gets its own copy; published only if this was the one answer
+            # (a request its front door already timed out is not published late).
+            if rr.request.reply_to.answer(rr, dict(body)):
+                self.fan_out(request_result_message(rr, body))
+
+    def health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
+        self.fan_out(health_message(camera_id, state, previous, reason))
+
+    def fan_out(self, msg: Outbound) -> None:
+        for out in self.outputs:
+            try:
+                out.offer(msg)
+            except Exception:  # noqa: BLE001 - one broken transport must not silence the others
+                log.exception("output %s refused a %s message", out.name, msg.kind)
