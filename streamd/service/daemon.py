@@ -29,7 +29,8 @@ from ..pipeline.queues import QueueSet
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
-from .metrics import MetricsServer, PipelineMetrics, build_registry
+from .http import MetricsServer
+from .metrics import PipelineMetrics, build_registry
 from .requests import RequestServer
 from .systemd import Notifier, Watchdog
 
@@ -116,7 +117,7 @@ class Daemon:
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 if self.request_server is not None:
-                    registry.register_collector(self.request_server.metrics)
+                    registry.register(self.request_server.metrics)
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
                                                     health=self.health_problem)
         except BaseException:
