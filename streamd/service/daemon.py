@@ -80,6 +80,11 @@ def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
             s.workers, s.autotune_s)
 
 
+def _died(cam: CameraSource) -> bool:
+    """A decoder thread that ended on an exception without being asked to stop."""
+    return cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set()
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
         self.cfg = cfg
@@ -216,12 +221,22 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
-        """None while healthy, else why not (the metrics server's /healthz and the watchdog)."""
+        """None while healthy, else why not (the metrics server's /healthz)."""
+        return self._pipeline_problem() or self._dead_cameras_problem()
+
+    def _pipeline_problem(self) -> str | None:
         err = self.pipeline.first_error() or self.publisher.error
         if err is not None:
             return f"a pipeline stage failed: {type(err).__name__}: {err}"
         ok, why = self.pipeline.progress_ok(self.watchdog_stall_s)
         return None if ok else why
+
+    def _dead_cameras_problem(self) -> str | None:
+        """Cameras whose decoder thread died of a bug and awaits its restart, by id only:
+        the error's text may quote the camera's URL."""
+        dead = [f"camera {cid}: decoder thread died ({type(cam.error).__name__}), restart pending"
+                for cid, cam in list(self.cameras.items()) if _died(cam)]
+        return "; ".join(dead) or None
 
     def start(self) -> None:
         if self.metrics_server is not None:
@@ -242,7 +257,7 @@ class Daemon:
         now = time.monotonic()
         for cam_id, cam in list(self.cameras.items()):
             cam.check_stall(now)
-            if cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set():
+            if _died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
         err = self.pipeline.first_error() or self.publisher.error or \
             (self.request_server.error if self.request_server is not None else None)
@@ -290,10 +305,13 @@ class Daemon:
     def watchdog_health(self) -> tuple[bool, str]:
         if self._swapping:
             return True, "reloading"
-        problem = self.health_problem()
+        problem = self._pipeline_problem()
         if problem is not None:
             return False, problem
-        return True, f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}"
+        # A dead decoder thread is the supervisor's to restart: it shows in the status line,
+        # but the pings go on, since a restart of the service would stop every other camera.
+        return True, (self._dead_cameras_problem()
+                      or f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}")
 
     def request_stop(self, why: str = "") -> None:
         if not self.stop_event.is_set():
