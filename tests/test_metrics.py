@@ -263,6 +263,9 @@ def test_request_metrics_and_two_daemons_in_one_process() -> None:
     assert {"streamd_request_queue_seconds", "streamd_request_inference_seconds"} <= set(one)
     # Only the names the daemon documents: no "_created" series beside every counter.
     assert not [name for name in one if name.endswith("_created")]
+    # Within one registry a name is refused the second time (collectors describe their names).
+    with pytest.raises(ValueError, match="streamd_requests_total"):
+        regs[0].register(RequestMetrics())
 
 
 # ---- process and GPU -----------------------------------------------------------------------------------------

@@ -249,7 +249,9 @@ class ThreadsCollector:
             return []
         if count is None:
             return []
-        return [GaugeMetricFamily("process_threads", "Number of OS threads in the process.", value=float(count))]
+        threads = self.describe()[0]
+        threads.add_metric([], float(count))
+        return [threads]
 
     def describe(self) -> list[Metric]:
         return [GaugeMetricFamily("process_threads", "Number of OS threads in the process.")]
