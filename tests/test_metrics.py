@@ -1,13 +1,12 @@
-"""Prometheus exposition, the daemon collector, the HTTP endpoint, and ``streamd status``.
+"""The daemon's Prometheus collectors and its HTTP endpoint (/metrics, /healthz).
 
-The rendered text is read back with a small strict parser of format 0.0.4, so every test
-that renders also checks the output is well-formed. HTTP and ZeroMQ are real sockets on
-loopback."""
+What prometheus_client renders is read back with a small strict parser of text format
+0.0.4, so every test that renders also checks the page is well-formed and holds exactly the
+names, labels and values the daemon promises. HTTP is real sockets on loopback."""
 
 from __future__ import annotations
 
-import io
-import json
+import gzip
 import math
 import os
 import re
@@ -18,18 +17,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
-import zmq
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-from streamd import protocol
 from streamd.entities import FrameResult
 from streamd.errors import StreamdError
-from streamd.service.metrics import (CAMERA_STATES, CONTENT_TYPE, Counter, Gauge, GpuCollector, Histogram,
-                                     MetricFamily, MetricsServer, PipelineMetrics, ProcessCollector, Registry,
-                                     build_registry, daemon_collector, format_value)
-from streamd.client.status import format_status, format_uptime, run_status
+from streamd.service.http import MetricsServer
+from streamd.service.metrics import (CAMERA_STATES, DaemonCollector, GpuCollector, PipelineMetrics, Registry,
+                                     build_registry)
+from streamd.service.requests import RequestMetrics
+from tests.fixtures_stats import camera_stats, daemon_stats
 
 # ---- a strict reader of the text format --------------------------------------------------------------
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -131,6 +131,18 @@ def _check_histogram(name: str, samples: dict[tuple[str, Labels], float]) -> Non
         assert (name + "_sum", rest) in samples
 
 
+def render(collector: Any) -> str:
+    """The page a scrape without an Accept header gets (format 0.0.4)."""
+    return generate_latest(collector).decode("utf-8")
+
+
+def registry_of(*collectors: Any) -> Registry:
+    reg = Registry()
+    for c in collectors:
+        reg.register(c)
+    return reg
+
+
 def series(fams: dict[str, dict[str, Any]], name: str) -> dict[Labels, float]:
     """name's samples (of any suffix matching exactly ``name``) keyed by labels."""
     for fam in fams.values():
@@ -140,137 +152,12 @@ def series(fams: dict[str, dict[str, Any]], name: str) -> dict[Labels, float]:
     return {}
 
 
-# ---- format ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value,text", [
-    (0, "0"), (3, "3"), (3.0, "3"), (-2.0, "-2"), (0.005, "0.005"), (1.5, "1.5"), (2.0 ** 53, "9007199254740992.0"),
-    (1e20, "1e+20"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"), (float("nan"), "NaN"), (True, "1"),
-])
-def test_format_value(value: float, text: str) -> None:
-    assert format_value(value) == text
-    if text != "NaN":
-        assert float(text.replace("Inf", "inf")) == float(value)
-
-
-def test_small_registry_renders_exactly() -> None:
-    reg = Registry()
-    c = reg.register(Counter("app_requests_total", "Requests.\nSecond line with \\ and \"quotes\".", ["path"]))
-    g = reg.register(Gauge("app_temperature_celsius", "Temperature."))
-    c.labels(path="/a").inc()
-    c.labels("/a").inc(2)
-    c.labels(path='q"u\\o\nte').inc(0.5)
-    g.set(-3.25)
-    assert reg.render() == (
-        '# HELP app_requests_total Requests.\\nSecond line with \\\\ and "quotes".\n'
-        "# TYPE app_requests_total counter\n"
-        'app_requests_total{path="/a"} 3\n'
-        'app_requests_total{path="q\\"u\\\\o\\nte"} 0.5\n'
-        "# HELP app_temperature_celsius Temperature.\n"
-        "# TYPE app_temperature_celsius gauge\n"
-        "app_temperature_celsius -3.25\n")
-
-
-def test_label_values_round_trip_through_escaping() -> None:
-    nasty = ['back\\slash', 'quo"te', "new\nline", "all \\\"\n three", "ünïcødé ✓", "", "trailing\\"]
-    reg = Registry()
-    g = reg.register(Gauge("t_value", "Nasty label values.", ["v"]))
-    for i, v in enumerate(nasty):
-        g.labels(v=v).set(i)
-    got = series(parse(reg.render()), "t_value")
-    assert got == {(("v", v),): float(i) for i, v in enumerate(nasty)}
-
-
-def test_histogram_buckets_are_cumulative_with_inf() -> None:
-    reg = Registry()
-    h = reg.register(Histogram("t_seconds", "Latency.", [0.1, 0.5, 1.0]))
-    for v in (0.05, 0.1, 0.3, 0.5, 0.7, 2.0, 99.0, float("nan")):
-        h.observe(v)
-    text = reg.render()
-    assert 't_seconds_bucket{le="+Inf"} 7\n' in text
-    fams = parse(text)
-    buckets = {dict(k)["le"]: v for k, v in series(fams, "t_seconds_bucket").items()}
-    # A value equal to a bound counts in that bound's bucket (le means "less or equal").
-    assert buckets == {"0.1": 2, "0.5": 4, "1": 5, "+Inf": 7}
-    assert series(fams, "t_seconds_count") == {(): 7}
-    assert series(fams, "t_seconds_sum")[()] == pytest.approx(0.05 + 0.1 + 0.3 + 0.5 + 0.7 + 2.0 + 99.0)
-
-
-def test_labelled_histogram_series_can_be_removed() -> None:
-    reg = Registry()
-    h = reg.register(Histogram("t_seconds", "Latency.", [1.0], ["camera"]))
-    h.labels(camera="a").observe(0.5)
-    h.labels(camera="b").observe(5)
-    fams = parse(reg.render())
-    assert series(fams, "t_seconds_count") == {(("camera", "a"),): 1, (("camera", "b"),): 1}
-    assert series(fams, "t_seconds_bucket")[(("camera", "b"), ("le", "1"))] == 0
-    h.remove(camera="a")
-    h.remove(camera="never-there")
-    assert series(parse(reg.render()), "t_seconds_count") == {(("camera", "b"),): 1}
-
-
-def test_misuse_is_refused() -> None:
-    with pytest.raises(ValueError):
-        Counter("bad-name", "x")
-    with pytest.raises(ValueError):
-        Gauge("g", "x", ["__reserved"])
-    with pytest.raises(ValueError):
-        Histogram("h", "x", [1.0], ["le"])
-    with pytest.raises(ValueError):
-        Histogram("h", "x", [2.0, 1.0])
-    c = Counter("c_total", "x", ["a"])
-    with pytest.raises(ValueError):
-        c.inc()                       # labelled: needs .labels()
-    with pytest.raises(ValueError):
-        c.labels(b="1")
-    with pytest.raises(ValueError):
-        Counter("d_total", "x").inc(-1)
-    reg = Registry()
-    reg.register(Counter("c_total", "x"))
-    with pytest.raises(ValueError):
-        reg.register(Gauge("c_total", "x"))
-    reg.register_collector(lambda: [MetricFamily("c_total", "again", "counter")])
-    with pytest.raises(ValueError, match="twice"):
-        reg.render()
-
-
-def test_concurrent_updates_are_not_lost() -> None:
-    c = Counter("c_total", "x", ["t"])
-    h = Histogram("h", "x", [0.5])
-
-    def work() -> None:
-        for _ in range(5000):
-            c.labels(t="x").inc()
-            h.observe(0.25)
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert c.labels(t="x").value == 20000
-    fam = h.collect()
-    assert [s.value for s in fam.samples if s.name == "h_count"] == [20000]
-
-
 # ---- the daemon's stats dict ----------------------------------------------------------------------------
-def camera_stats(state: str = "streaming", n: int = 100) -> dict[str, Any]:
-    return {"state": state, "decoded": n, "skipped": 2 * n, "inferred": n - 5, "published": n - 6,
-            "dropped": {"queue_full": 3, "too_old": 2, "fps_cap": 40}, "reconnects": 1, "decode_errors": 0,
-            "queue_depth": 2, "width": 1920, "height": 1080}
-
-
-def daemon_stats(cameras: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"uptime_s": 3723.4, "cameras": cameras,
-            "scheduler": {"batches": 40, "frames": 118, "batch_sizes": {"2": 2, "3": 38}, "infer_ms_mean": 38.25,
-                          "workers": 2, "threads_per_worker": 1, "worker_batches": {"0": 21, "1": 19},
-                          "max_frame_age_ms": 1000.0},
-            "publisher": {"sent": 130, "dropped": 1}}
-
-
 def test_daemon_collector_follows_cameras_between_scrapes() -> None:
     current = daemon_stats({"door": camera_stats(), "yard": camera_stats("reconnecting", 7)})
-    reg = Registry()
-    reg.register_collector(daemon_collector(lambda: current))
+    reg = registry_of(DaemonCollector(lambda: current))
 
-    fams = parse(reg.render())
+    fams = parse(render(reg))
     assert series(fams, "streamd_camera_frames_decoded_total") == {(("camera", "door"),): 100,
                                                                    (("camera", "yard"),): 7}
     assert fams["streamd_camera_frames_decoded_total"]["type"] == "counter"
@@ -297,7 +184,7 @@ def test_daemon_collector_follows_cameras_between_scrapes() -> None:
 
     # A reload removes yard and adds gate: yard's series are gone, not frozen.
     current = daemon_stats({"door": camera_stats(n=150), "gate": camera_stats("connecting", 0)})
-    text = reg.render()
+    text = render(reg)
     assert 'camera="yard"' not in text
     fams = parse(text)
     assert series(fams, "streamd_camera_frames_decoded_total") == {(("camera", "door"),): 150,
@@ -306,15 +193,14 @@ def test_daemon_collector_follows_cameras_between_scrapes() -> None:
 
     # No cameras at all: families still declared, with no samples.
     current = daemon_stats({})
-    fams = parse(reg.render())
+    fams = parse(render(reg))
     assert series(fams, "streamd_camera_frames_decoded_total") == {}
     assert "streamd_camera_state" in fams
 
 
 def test_state_unknown_to_this_list_is_still_exported() -> None:
-    reg = Registry()
-    reg.register_collector(daemon_collector(lambda: daemon_stats({"x": camera_stats("warming_up")})))
-    states = series(parse(reg.render()), "streamd_camera_state")
+    reg = registry_of(DaemonCollector(lambda: daemon_stats({"x": camera_stats("warming_up")})))
+    states = series(parse(render(reg)), "streamd_camera_state")
     assert states[(("camera", "x"), ("state", "warming_up"))] == 1
     assert sum(states.values()) == 1
 
@@ -327,17 +213,16 @@ def result(cam: str, capture_mono: float, queue_s: float, infer_s: float) -> Fra
 def test_pipeline_metrics_from_one_batch_of_results() -> None:
     live = ["door", "yard"]
     pm = PipelineMetrics(camera_ids=lambda: live)
-    reg = Registry()
-    reg.register_collector(pm)
+    reg = registry_of(pm)
     now = 1000.0
     pm.observe_results([result("door", now - 0.12, 0.03, 0.06), result("yard", now - 3.0, 0.02, 0.06),
                         result("door", now - 0.2, 0.04, 0.06)], now_mono=now)
     pm.observe_results([], now_mono=now)   # an empty batch is not a batch
-    fams = parse(reg.render())
+    fams = parse(render(reg))
     assert series(fams, "streamd_batch_size_count") == {(): 1}
     assert series(fams, "streamd_batch_size_sum") == {(): 3}
-    assert series(fams, "streamd_batch_size_bucket")[(("le", "2"),)] == 0
-    assert series(fams, "streamd_batch_size_bucket")[(("le", "4"),)] == 1
+    assert series(fams, "streamd_batch_size_bucket")[(("le", "2.0"),)] == 0
+    assert series(fams, "streamd_batch_size_bucket")[(("le", "4.0"),)] == 1
     assert series(fams, "streamd_inference_seconds_count") == {(): 1}
     assert series(fams, "streamd_queue_seconds_count") == {(): 3}
     assert series(fams, "streamd_queue_seconds_bucket")[(("le", "0.025"),)] == 1
@@ -345,24 +230,52 @@ def test_pipeline_metrics_from_one_batch_of_results() -> None:
     assert c2p == {(("camera", "door"),): 2, (("camera", "yard"),): 1}
     assert series(fams, "streamd_capture_to_publish_seconds_sum")[(("camera", "door"),)] == pytest.approx(0.32)
     assert series(fams, "streamd_capture_to_publish_seconds_bucket")[(("camera", "yard"), ("le", "2.5"))] == 0
-    assert series(fams, "streamd_capture_to_publish_seconds_bucket")[(("camera", "yard"), ("le", "5"))] == 1
+    assert series(fams, "streamd_capture_to_publish_seconds_bucket")[(("camera", "yard"), ("le", "5.0"))] == 1
 
     live.remove("yard")            # camera removed: its latency series goes with it
-    fams = parse(reg.render())
+    fams = parse(render(reg))
     assert series(fams, "streamd_capture_to_publish_seconds_count") == {(("camera", "door"),): 2}
     pm.forget_camera("door")
-    assert series(parse(reg.render()), "streamd_capture_to_publish_seconds_count") == {}
+    assert series(parse(render(reg)), "streamd_capture_to_publish_seconds_count") == {}
+
+
+def test_request_metrics_and_two_daemons_in_one_process() -> None:
+    # Each daemon has its own registry: the same metric names twice in one process do not
+    # collide, and each page holds only its own daemon's numbers.
+    first, second = RequestMetrics(), RequestMetrics()
+    regs = [build_registry(lambda: daemon_stats({}), PipelineMetrics(), process=False, gpu=False)
+            for _ in range(2)]
+    regs[0].register(first)
+    regs[1].register(second)
+    for outcome in ("accepted", "accepted", "busy"):
+        first.outcomes.labels(outcome=outcome).inc()
+    first.total_seconds.observe(0.3)
+    second.outcomes.labels(outcome="rejected").inc()
+    assert first.outcome_counts() == {"accepted": 2, "busy": 1}
+    assert second.outcome_counts() == {"rejected": 1}
+
+    one, two = parse(render(regs[0])), parse(render(regs[1]))
+    assert series(one, "streamd_requests_total") == {(("outcome", "accepted"),): 2, (("outcome", "busy"),): 1}
+    assert series(two, "streamd_requests_total") == {(("outcome", "rejected"),): 1}
+    assert one["streamd_requests_total"]["type"] == "counter"
+    assert series(one, "streamd_request_total_seconds_count") == {(): 1}
+    assert series(two, "streamd_request_total_seconds_count") == {(): 0}
+    assert {"streamd_request_queue_seconds", "streamd_request_inference_seconds"} <= set(one)
+    # Only the names the daemon documents: no "_created" series beside every counter.
+    assert not [name for name in one if name.endswith("_created")]
+    # Within one registry a name is refused the second time (collectors describe their names).
+    with pytest.raises(ValueError, match="streamd_requests_total"):
+        regs[0].register(RequestMetrics())
 
 
 # ---- process and GPU -----------------------------------------------------------------------------------------
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
 def test_process_metrics_are_plausible() -> None:
-    reg = Registry()
-    reg.register_collector(ProcessCollector())
+    reg = build_registry(gpu=False)
     burn_until = time.process_time() + 0.05
     while time.process_time() < burn_until:   # make sure some CPU time was spent
         pass
-    fams = parse(reg.render())
+    fams = parse(render(reg))
     rss = series(fams, "process_resident_memory_bytes")[()]
     vms = series(fams, "process_virtual_memory_bytes")[()]
     assert 1_000_000 < rss <= vms
@@ -379,17 +292,16 @@ def test_process_metrics_are_plausible() -> None:
 
 def test_gpu_collector_without_nvml_exports_nothing() -> None:
     gpu = GpuCollector()
-    fams = gpu()
+    fams = gpu.collect()
     if gpu.available:   # a machine with a working NVIDIA driver: the families must be sane
-        text = "".join(f.render() for f in fams)
-        parsed = parse(text)
+        parsed = parse(render(gpu))
         assert set(parsed) == {"streamd_gpu_utilization_ratio", "streamd_gpu_memory_used_bytes",
                                "streamd_gpu_memory_total_bytes"}
         for v in series(parsed, "streamd_gpu_utilization_ratio").values():
             assert 0 <= v <= 1
     else:               # pynvml missing, or present with no driver (nvmlInit fails)
         assert fams == []
-        assert gpu() == []
+        assert gpu.collect() == []
     gpu.close()
     gpu.close()
 
@@ -403,8 +315,9 @@ def test_gpu_collector_when_pynvml_cannot_be_imported() -> None:
         "logging.basicConfig(level=logging.WARNING)\n"
         "from streamd.service.metrics import build_registry, GpuCollector\n"
         "g = GpuCollector()\n"
-        "assert g() == [] and not g.available\n"
-        "text = build_registry(lambda: {}, None).render()\n"
+        "assert g.collect() == [] and not g.available\n"
+        "from prometheus_client import generate_latest\n"
+        "text = generate_latest(build_registry(lambda: {}, None)).decode()\n"
         "assert 'streamd_gpu' not in text and 'process_resident_memory_bytes' in text, text\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -414,9 +327,10 @@ def test_gpu_collector_when_pynvml_cannot_be_imported() -> None:
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------------
-def http_get(url: str) -> tuple[int, str, str]:
+def http_get(url: str, method: str = "GET", **headers: str) -> tuple[int, str, str]:
+    req = urllib.request.Request(url, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
     except urllib.error.HTTPError as exc:
         with exc:
@@ -428,14 +342,15 @@ def server_parts() -> Iterator[tuple[MetricsServer, dict[str, Any]]]:
     knobs: dict[str, Any] = {"unhealthy": None, "explode": False}
     stats = daemon_stats({"door": camera_stats()})
 
-    def flaky() -> list[MetricFamily]:
-        if knobs["explode"]:
-            raise RuntimeError("stats went away")
-        return [MetricFamily("t_flaky", "Sometimes fails.", "gauge").add(1)]
+    class Flaky:
+        def collect(self) -> list[Metric]:
+            if knobs["explode"]:
+                raise RuntimeError("stats went away")
+            return [GaugeMetricFamily("t_flaky", "Sometimes fails.", value=1)]
 
     pm = PipelineMetrics()
     reg = build_registry(lambda: stats, pm)
-    reg.register_collector(flaky)
+    reg.register(Flaky())
     server = MetricsServer(reg, "127.0.0.1", 0, health=lambda: knobs["unhealthy"])
     server.start()
     try:
@@ -450,7 +365,7 @@ def test_http_scrape_health_and_errors(server_parts: tuple[MetricsServer, dict[s
     assert any(t.name == "metrics-http" and t.daemon for t in threading.enumerate())
 
     code, ctype, body = http_get(server.url + "/metrics")
-    assert (code, ctype) == (200, CONTENT_TYPE)
+    assert (code, ctype) == (200, "text/plain; version=0.0.4; charset=utf-8")
     fams = parse(body)
     assert series(fams, "streamd_camera_frames_decoded_total") == {(("camera", "door"),): 100}
     assert "streamd_batch_size" in fams and "process_resident_memory_bytes" in fams
@@ -471,7 +386,25 @@ def test_http_scrape_health_and_errors(server_parts: tuple[MetricsServer, dict[s
     assert code == 500 and "RuntimeError: stats went away" in body and len(body) < 400
     knobs["explode"] = False
     code, _, body = http_get(server.url + "/metrics")     # still serving, and whole again
-    assert code == 200 and "t_flaky 1" in body
+    assert code == 200 and "t_flaky 1.0" in body
+
+
+def test_negotiated_formats_and_head(server_parts: tuple[MetricsServer, dict[str, Any]]) -> None:
+    server, _ = server_parts
+    # A Prometheus server asks for OpenMetrics; the library answers in it.
+    code, ctype, body = http_get(server.url + "/metrics", Accept="application/openmetrics-text; version=1.0.0")
+    assert code == 200 and ctype.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n") and 'streamd_camera_frames_decoded_total{camera="door"} 100.0' in body
+    req = urllib.request.Request(server.url + "/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert "streamd_batch_size" in parse(gzip.decompress(resp.read()).decode())
+    # ?name[]= narrows the page to the families asked for.
+    code, _, body = http_get(server.url + "/metrics?name[]=streamd_uptime_seconds")
+    assert code == 200 and set(parse(body)) == {"streamd_uptime_seconds"}
+    for path in ("/metrics", "/healthz"):
+        code, _, body = http_get(server.url + path, method="HEAD")
+        assert (code, body) == (200, "")
 
 
 def test_many_concurrent_scrapes(server_parts: tuple[MetricsServer, dict[str, Any]]) -> None:
@@ -521,130 +454,3 @@ def test_stop_frees_the_port_and_busy_port_fails_clearly() -> None:
     t0 = time.monotonic()
     never.stop()
     assert time.monotonic() - t0 < 5
-
-
-# ---- streamd status ---------------------------------------------------------------------------------------------
-def stats_body(seq: int = 1, version: int = protocol.PROTOCOL_VERSION) -> dict[str, Any]:
-    body = daemon_stats({"door": camera_stats(), "yard": {**camera_stats("reconnecting", 6), "width": 0,
-                                                          "height": 0, "reconnects": 12}})
-    return {"v": version, "type": protocol.TYPE_STATS, "seq": seq, "pub": "3f9c2a71b0de",
-            "publish_ts": time.time(), **body}
-
-
-def test_format_status_table() -> None:
-    text = format_status(stats_body(seq=42))
-    lines = text.splitlines()
-    assert lines[0].startswith("streamd 3f9c2a71b0de") and "(seq 42)" in lines[0]
-    header, door, yard = lines[1], lines[2], lines[3]
-    assert header.split()[:6] == ["CAMERA", "STATE", "DECODED", "SKIPPED", "INFERRED", "PUBLISHED"]
-    assert door.split() == ["door", "streaming", "100", "200", "95", "94", "3/2/40", "1", "2", "1920x1080"]
-    assert yard.split() == ["yard", "reconnecting", "6", "12", "1", "0", "3/2/40", "12", "2", "-"]
-    # Fixed width: every column starts at the same offset on every row.
-    col = header.index("DECODED")
-    end = col + len("DECODED")
-    assert door[end - 3:end] == "100" and yard[end - 1] == "6"    # numbers right-aligned under their header
-    assert door.index("1920x1080") == yard.index("-", header.index("RESOLUTION")) == header.index("RESOLUTION")
-    footer, pool = lines[-2], lines[-1]
-    assert pool.split() == ["workers", "2", "x", "1", "thread(s)", "batches", "per", "worker", "21/19",
-                            "age", "bound", "1000", "ms"]
-    assert "uptime 1h 02m 03s" in footer and "batches 40" in footer and "mean batch 2.95" in footer
-    assert "inference 38.2 ms/batch" in footer and "publisher sent 130 dropped 1" in footer
-
-
-def test_format_status_tolerates_sparse_bodies() -> None:
-    text = format_status({"cameras": {"x": {"state": "starting"}}, "scheduler": {"batches": 0, "frames": 0,
-                                                                                 "infer_ms_mean": None}})
-    assert "(no cameras)" not in text
-    assert text.splitlines()[1].split() == ["x", "starting", "-", "-", "-", "-", "-/-/-", "-", "-", "-"]
-    assert "mean batch -" in text and "inference -/batch" in text and "uptime -" in text
-    assert "(no cameras)" in format_status({})
-    assert [format_uptime(s) for s in (5, 65, 3600, 90061, None)] == ["5s", "1m 05s", "1h 00m 00s",
-                                                                       "1d 01h 01m", "-"]
-
-
-class StatsPublisher:
-    """A real PUB socket sending protocol-format messages until stopped (PUB/SUB has no
-    handshake: a subscriber that connects late only sees what comes after, so keep sending)."""
-
-    def __init__(self, make_parts: Callable[[int], list[bytes]]) -> None:
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self._make = make_parts
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="test-stats-pub", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        seq = 0
-        while not self._stop.is_set():
-            seq += 1
-            self._sock.send_multipart(self._make(seq))
-            self._stop.wait(0.02)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close(0)
-        self._ctx.term()
-
-
-def stats_parts(seq: int) -> list[bytes]:
-    return [protocol.TOPIC_STATS, json.dumps(stats_body(seq)).encode()]
-
-
-def test_run_status_prints_the_table_from_a_real_publisher() -> None:
-    # Heartbeats on the same socket must be ignored (the SUB filters on sys/stats).
-    pub = StatsPublisher(lambda seq: stats_parts(seq) if seq % 2 else
-                         [protocol.TOPIC_HEARTBEAT, json.dumps({"v": 1, "type": "heartbeat", "seq": seq}).encode()])
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        assert run_status(pub.endpoint, timeout_s=20, out=out, err=err) == 0
-    finally:
-        pub.close()
-    assert err.getvalue() == ""
-    lines = out.getvalue().splitlines()
-    assert lines[0].startswith("streamd 3f9c2a71b0de")
-    assert lines[2].split()[:2] == ["door", "streaming"] and lines[3].split()[:2] == ["yard", "reconnecting"]
-
-
-def test_run_status_times_out_with_a_clear_message() -> None:
-    # A live publisher that only sends heartbeats: connected, but no stats within the wait.
-    pub = StatsPublisher(lambda seq: [protocol.TOPIC_HEARTBEAT,
-                                      json.dumps({"v": 1, "type": "heartbeat", "seq": seq}).encode()])
-    out, err = io.StringIO(), io.StringIO()
-    t0 = time.monotonic()
-    try:
-        assert run_status(pub.endpoint, timeout_s=0.5, out=out, err=err) == 1
-    finally:
-        pub.close()
-    assert 0.45 <= time.monotonic() - t0 < 10
-    assert out.getvalue() == ""
-    assert err.getvalue() == (f"no stats message from {pub.endpoint} within 0.5 s: is streamd running, "
-                              f"and is publisher.stats_interval_s shorter than that?\n")
-
-
-def test_run_status_says_when_stats_were_unreadable() -> None:
-    pub = StatsPublisher(lambda seq: [protocol.TOPIC_STATS, json.dumps(stats_body(seq, version=2)).encode()])
-    err = io.StringIO()
-    try:
-        # Long enough for several messages to arrive even on a busy machine, yet bounded.
-        assert run_status(pub.endpoint, timeout_s=2, out=io.StringIO(), err=err) == 1
-    finally:
-        pub.close()
-    line = err.getvalue()
-    assert line.count("\n") == 1 and "unreadable stats message(s): protocol version 2" in line
-
-
-def test_run_status_with_nothing_listening_and_a_bad_endpoint() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = io.StringIO()
-    assert run_status(f"tcp://127.0.0.1:{port}", timeout_s=0.3, out=io.StringIO(), err=err) == 1
-    assert err.getvalue().startswith(f"no stats message from tcp://127.0.0.1:{port} within 0.3 s")
-    err = io.StringIO()
-    assert run_status("nonsense://x", timeout_s=0.3, out=io.StringIO(), err=err) == 1
-    assert err.getvalue().startswith("cannot connect to nonsense://x:")

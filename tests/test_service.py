@@ -308,6 +308,34 @@ def test_watchdog_stops_while_unhealthy_and_resumes(listener: NotifyListener,
     assert not w.is_alive()
 
 
+def test_a_degraded_but_healthy_answer_updates_the_status_and_keeps_pinging(
+        listener: NotifyListener, clean_env: pytest.MonkeyPatch) -> None:
+    # A camera whose decoder thread is being restarted: said in the status line, but the
+    # service is still serving the other cameras, so the pings must not stop.
+    _watchdog_env(clean_env, 200_000)                       # pings every 0.1 s
+    degraded = threading.Event()
+
+    def healthy() -> tuple[bool, str]:
+        return True, "camera gate: decoder thread died (RuntimeError)" if degraded.is_set() else "3 cameras"
+
+    w = Watchdog(Notifier(), healthy)
+    w.start()
+    try:
+        got = listener.collect_until(lambda seen: len(_pings(seen)) >= 2, 10.0, "pings while healthy")
+        assert all(m == {"WATCHDOG": "1"} for m, _ in got), "an unchanged reason is not re-sent"
+        degraded.set()
+        got = listener.collect_until(
+            lambda seen: any("STATUS" in m for m, _ in seen) and len(_pings(seen)) >= 3, 10.0,
+            "the degraded status, pings going on")
+        assert [m for m, _ in got if "STATUS" in m] == [{"STATUS": "camera gate: decoder thread died (RuntimeError)"}]
+        assert w.unhealthy_since is None
+        degraded.clear()
+        got = listener.collect_until(lambda seen: any("STATUS" in m for m, _ in seen), 10.0, "the status back")
+        assert [m for m, _ in got if "STATUS" in m] == [{"STATUS": "3 cameras"}]
+    finally:
+        assert w.stop(5.0)
+
+
 def test_recovery_pings_at_once_instead_of_a_full_interval_later(listener: NotifyListener,
                                                                   clean_env: pytest.MonkeyPatch) -> None:
     # 30 s between pings: a recovery ping that waited for the schedule would arrive at the very

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import yaml
 
 from streamd.config import load_config
 from streamd.service.daemon import Daemon
-from streamd.service.systemd import Notifier
+from streamd.service.systemd import Notifier, Watchdog
 from tests.fixtures_daemon import free_tcp_port, wait_until
 from tests.test_daemon import base_config
 
@@ -265,5 +266,76 @@ def test_a_decoder_thread_that_dies_of_a_bug_is_restarted_with_its_counters(
         assert second.stats is first.stats and second.stats.reconnects == reconnects_before + 1
         assert second.queue is first.queue
     finally:
+        daemon.request_stop("test over")
+        daemon.shutdown()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def test_a_dead_decoder_thread_shows_in_healthz_health_topic_and_watchdog_status_until_restarted(
+        yolov8n_onnx_320: Path, test_media, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        collector_factory, notify_socket: NotifySocket) -> None:
+    """While a decoder thread that died of a bug waits for the supervisor, /healthz answers
+    503 and the systemd status line names the camera (by id: the error's text quotes a URL
+    with a password); the watchdog keeps pinging, since the rest of the daemon is serving.
+    Once the supervisor has restarted the thread, both are healthy again."""
+    from streamd.pipeline.sources.camera import CameraSource
+    port = free_tcp_port()
+    cfg_path = tmp_path / "streamd.yaml"
+    cfg = base_config(yolov8n_onnx_320, [{"id": "gate", "url": str(test_media["bus"].mp4), "loop": True}])
+    cfg["metrics"] = {"port": port}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    real_stream = CameraSource._stream
+    go = threading.Event()
+    calls = {"n": 0}
+
+    def stream_with_a_bug(self: CameraSource, cap: Any) -> tuple[str, str, bool]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            go.wait(30)      # the bug strikes once the test's subscriber is connected
+            raise RuntimeError("a bug next to rtsp://admin:hunter2@192.0.2.7/live")
+        return real_stream(self, cap)
+
+    monkeypatch.setattr(CameraSource, "_stream", stream_with_a_bug)
+    daemon = Daemon(load_config(cfg_path), cfg_path)
+    sub = collector_factory(cfg["publisher"]["endpoint"], [b"cam/gate/health", b"sys/heartbeat"])
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    watchdog = Watchdog(Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}),
+                        daemon.watchdog_health)
+    daemon.start()
+    watchdog.start()
+    try:
+        sub.wait_for(lambda m: m["type"] == "heartbeat", 30, "a heartbeat (the subscriber is connected)")
+        assert _get(healthz) == (200, "ok\n")
+        first = daemon.cameras["gate"]
+        go.set()
+        wait_until(lambda: first.error is not None and not first.is_alive(), 30, what="the thread to die")
+
+        problem = "camera gate: decoder thread died (RuntimeError), restart pending"
+        assert _get(healthz) == (503, problem + "\n")
+        assert daemon.watchdog_health() == (True, problem)
+        i = notify_socket.wait_for(f"STATUS={problem}", 10)
+        notify_socket.wait_for("WATCHDOG=1", 10, after=i + 1)          # the pings go on
+        msg = sub.wait_for(lambda m: m["type"] == "health" and m["state"] == "stopped", 10,
+                           "the camera's health message")
+        assert msg["reason"] == "decoder thread died (RuntimeError)"
+        for text in (*notify_socket.drain(), msg["reason"]):
+            assert "hunter2" not in text and "192.0.2.7" not in text
+
+        daemon.supervise_once()                                          # the supervisor's round
+        assert daemon.cameras["gate"] is not first
+        assert _get(healthz) == (200, "ok\n")
+        notify_socket.wait_for("STATUS=1 cameras, publishing on", 10, after=i + 1)
+        sub.wait_for(lambda m: m["type"] == "health" and m["state"] == "streaming", 30, "the camera streaming again")
+    finally:
+        go.set()
+        watchdog.stop()
         daemon.request_stop("test over")
         daemon.shutdown()

@@ -29,7 +29,8 @@ from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
-from .metrics import MetricsServer, PipelineMetrics, build_registry
+from .http import MetricsServer
+from .metrics import PipelineMetrics, build_registry
 from .requests import RequestServer
 from .systemd import Notifier, Watchdog
 
@@ -56,6 +57,11 @@ def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
         file_id = ()
     return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id,
             s.workers, s.autotune_s)
+
+
+def _died(cam: CameraSource) -> bool:
+    """A decoder thread that ended on an exception without being asked to stop."""
+    return cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set()
 
 
 class Daemon:
@@ -99,7 +105,7 @@ class Daemon:
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 if self.request_server is not None:
-                    registry.register_collector(self.request_server.metrics)
+                    registry.register(self.request_server.metrics)
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
                                                     health=self.health_problem)
         except BaseException:
@@ -167,12 +173,22 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
-        """None while healthy, else why not (the metrics server's /healthz and the watchdog)."""
+        """None while healthy, else why not (the metrics server's /healthz)."""
+        return self._pipeline_problem() or self._dead_cameras_problem()
+
+    def _pipeline_problem(self) -> str | None:
         err = self.pipeline.first_error() or self.publisher.error
         if err is not None:
             return f"a pipeline stage failed: {type(err).__name__}: {err}"
         ok, why = self.pipeline.progress_ok(self.watchdog_stall_s)
         return None if ok else why
+
+    def _dead_cameras_problem(self) -> str | None:
+        """Cameras whose decoder thread died of a bug and awaits its restart, by id only:
+        the error's text may quote the camera's URL."""
+        dead = [f"camera {cid}: decoder thread died ({type(cam.error).__name__}), restart pending"
+                for cid, cam in list(self.cameras.items()) if _died(cam)]
+        return "; ".join(dead) or None
 
     def start(self) -> None:
         if self.metrics_server is not None:
@@ -193,7 +209,7 @@ class Daemon:
         now = time.monotonic()
         for cam_id, cam in list(self.cameras.items()):
             cam.check_stall(now)
-            if cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set():
+            if _died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
         err = self.pipeline.first_error() or self.publisher.error or \
             (self.request_server.error if self.request_server is not None else None)
@@ -241,10 +257,13 @@ class Daemon:
     def watchdog_health(self) -> tuple[bool, str]:
         if self._swapping:
             return True, "reloading"
-        problem = self.health_problem()
+        problem = self._pipeline_problem()
         if problem is not None:
             return False, problem
-        return True, f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}"
+        # A dead decoder thread is the supervisor's to restart: it shows in the status line,
+        # but the pings go on, since a restart of the service would stop every other camera.
+        return True, (self._dead_cameras_problem()
+                      or f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}")
 
     def request_stop(self, why: str = "") -> None:
         if not self.stop_event.is_set():

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import zmq
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import CAMERA_ID, RequestsConfig
@@ -36,7 +38,7 @@ from ..entities import Request, RequestResult
 from ..errors import PublishError
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.requests import RequestQueue
-from .metrics import Counter, Histogram, LATENCY_BUCKETS, MetricFamily
+from .metrics import LATENCY_BUCKETS, histogram
 
 log = logging.getLogger("streamd.requests")
 
@@ -58,26 +60,33 @@ class RequestHeader(BaseModel):
 
 
 class RequestMetrics:
-    """Queue, inference and total time per request, and what happened to each."""
+    """Queue, inference and total time per request, and what happened to each; a collector
+    for the daemon's metrics registry."""
 
     def __init__(self) -> None:
-        self.queue_seconds = Histogram("streamd_request_queue_seconds",
+        self.queue_seconds = histogram("streamd_request_queue_seconds",
                                        "Seconds a request waited before its batch was assembled.", LATENCY_BUCKETS)
-        self.inference_seconds = Histogram("streamd_request_inference_seconds",
+        self.inference_seconds = histogram("streamd_request_inference_seconds",
                                            "Seconds of inference for the batch that carried a request.",
                                            LATENCY_BUCKETS)
-        self.total_seconds = Histogram("streamd_request_total_seconds",
+        self.total_seconds = histogram("streamd_request_total_seconds",
                                        "Seconds from receiving a request until its result was sent.", LATENCY_BUCKETS)
         self.outcomes = Counter("streamd_requests_total",
-                                "Requests by outcome (accepted, busy, rejected, completed, failed).", ["outcome"])
+                                "Requests by outcome (accepted, busy, rejected, completed, failed).", ["outcome"],
+                                registry=None)
 
     def outcome_counts(self) -> dict[str, int]:
-        return {labels["outcome"]: int(self.outcomes.labels(**labels).value)
-                for labels in self.outcomes.label_values()}
+        return {s.labels["outcome"]: int(s.value) for fam in self.outcomes.collect() for s in fam.samples
+                if s.name == "streamd_requests_total"}
 
-    def __call__(self) -> list[MetricFamily]:
-        return [self.queue_seconds.collect(), self.inference_seconds.collect(), self.total_seconds.collect(),
-                self.outcomes.collect()]
+    def collect(self) -> list[Metric]:
+        return [fam for m in self._metrics() for fam in m.collect()]
+
+    def describe(self) -> list[Metric]:
+        return [fam for m in self._metrics() for fam in m.describe()]
+
+    def _metrics(self) -> tuple[Histogram, Histogram, Histogram, Counter]:
+        return self.queue_seconds, self.inference_seconds, self.total_seconds, self.outcomes
 
 
 class RequestServer(threading.Thread):

@@ -197,7 +197,9 @@ class Watchdog(threading.Thread):
     ``WatchdogSec=``: a hung inference call cannot be cancelled from inside the process, a
     restart is the only cure. While unhealthy it asks again every second; if the answer turns
     healthy before systemd gives up, a ping goes out at once, the schedule restarts from there,
-    and the reason given with the healthy answer (or "running") becomes the status line.
+    and the reason given with the healthy answer (or "running") becomes the status line. A
+    healthy answer whose reason changed (a degraded state, such as a camera being restarted,
+    and its end) is sent as the status line too, the pings going on.
 
     ``healthy()`` runs on this thread and must not block; if it ever does, the pings stop too,
     which is the safe failure. Without a configured watchdog the thread exits at once.
@@ -211,6 +213,7 @@ class Watchdog(threading.Thread):
         self.stop_event = threading.Event()
         self.pings = 0
         self.unhealthy_since: float | None = None   # monotonic, None while healthy
+        self._healthy_reason: str | None = None     # the last healthy answer's reason
 
     def run(self) -> None:
         interval = self.interval_s
@@ -227,6 +230,11 @@ class Watchdog(threading.Thread):
                     log.warning("healthy again after %.1f s: watchdog pings resume", now - self.unhealthy_since)
                     self.unhealthy_since = None
                     self.notifier.status(reason or "running")
+                elif self._healthy_reason is not None and reason != self._healthy_reason:
+                    # Healthy but degraded, or no longer (a camera being restarted): the
+                    # status line follows without the pings stopping.
+                    self.notifier.status(reason or "running")
+                self._healthy_reason = reason
                 # A fixed schedule rather than "interval after the last ping", so a slow health
                 # check does not push pings later and later. If this thread was held up for
                 # more than an interval, start afresh instead of sending the missed pings back

@@ -168,7 +168,8 @@ class CameraSource(threading.Thread):
             if self.stop_event.is_set():
                 self._set_state(State.STOPPED, self._stop_reason)
             elif self.state != State.ENDED:
-                self._set_state(State.STOPPED, "decoder thread ended")
+                self._set_state(State.STOPPED, "decoder thread ended" if self.error is None else
+                                f"decoder thread died ({type(self.error).__name__})")
 
     def _run(self) -> None:
         attempt = 0
