@@ -25,9 +25,9 @@ from .. import protocol
 from ..config import PublisherConfig
 from ..entities import FrameResult
 from ..errors import PublishError
-from ..redact import scrub
 from ..security import (KeyFileError, ServerSecurity, apply_server, endpoint_is_loopback, load_allowed_keys,
                         load_secret_key_file)
+from .records import detections_body, health_body
 
 log = logging.getLogger("streamd.publisher")
 
@@ -135,21 +135,7 @@ class Publisher(threading.Thread):
         than that when its turn at the socket comes is not sent (``on_stale`` is told)."""
         for i, r in enumerate(results):
             jpeg = snapshots[i] if snapshots else None
-            body: dict[str, Any] = {
-                "type": protocol.TYPE_DETECTIONS,
-                "camera": r.camera_id,
-                "frame": r.frame_no,
-                "capture_ts": round(r.capture_ts, 6),
-                "width": r.width,
-                "height": r.height,
-                "detections": [
-                    {"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
-                     "box": [round(v, 1) for v in d.box]}
-                    for d in r.detections],
-                "timings_ms": {k: round(v * 1000, 2) for k, v in r.timings.items()},
-            }
-            if jpeg is not None:
-                body["snapshot"] = {"format": "jpeg", "part": 2, "bytes": len(jpeg)}
+            body = detections_body(r, jpeg)
             deadline = r.capture_mono + max_age_s if max_age_s is not None else math.inf
             self._enqueue(protocol.detections_topic(r.camera_id), body, jpeg, deadline)
 
@@ -157,9 +143,7 @@ class Publisher(threading.Thread):
         self._enqueue(f"req/{client_id}/result".encode(), body)
 
     def publish_health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
-        self._enqueue(protocol.health_topic(camera_id), {
-            "type": protocol.TYPE_HEALTH, "camera": camera_id, "state": state,
-            "previous": previous, "reason": scrub(reason)})
+        self._enqueue(protocol.health_topic(camera_id), health_body(camera_id, state, previous, reason))
 
     def stop(self) -> None:
         self.stop_event.set()

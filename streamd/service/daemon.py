@@ -23,6 +23,7 @@ from ..backends.pool import BackendPool, open_pool
 from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
 from ..entities import Frame, FrameResult
 from ..errors import ConfigError, StreamdError
+from ..outputs.fanout import OutputSet, build_outputs
 from ..outputs.zmq_publisher import Publisher
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.queues import QueueSet
@@ -30,6 +31,7 @@ from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
 from .metrics import MetricsServer, PipelineMetrics, build_registry
+from .output_metrics import output_collector
 from .requests import RequestServer
 from .systemd import Notifier, Watchdog
 
@@ -104,10 +106,17 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
+        self.outputs = OutputSet([])
+        self._next_output_stats = 0.0
         try:
             params = postprocess_params(cfg, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
                                        on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
+            # -- broker outputs (MQTT, Redis Streams): offered what the publisher sends, until the
+            # -- output stage fans Outbound records out itself. Built here so a bad block fails start.
+            names = self.backend.info.names
+            labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
+            self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
             if cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.queues.ready, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params,
@@ -117,9 +126,12 @@ class Daemon:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 if self.request_server is not None:
                     registry.register_collector(self.request_server.metrics)
+                if self.outputs:
+                    registry.register_collector(output_collector(self.outputs.counters))   # broker outputs
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
                                                     health=self.health_problem)
         except BaseException:
+            self.outputs.close(0.5)
             if self.request_server is not None:
                 self.request_server.close_socket()
             if self.publisher is not None:
@@ -158,6 +170,7 @@ class Daemon:
                 snaps[i] = buf.tobytes()
                 self._last_snapshot[r.camera_id] = r.capture_mono
         self.publisher.publish_results(results, snaps, max_age_s=self.pipeline.age_bound_s())
+        self.outputs.offer_results(results, snaps, self.pipeline.age_bound_s())   # broker outputs
         self.pipeline_metrics.observe_results(results)
 
     def _wants_snapshot(self, src: CameraSource, r: FrameResult) -> bool:
@@ -167,6 +180,10 @@ class Daemon:
         last = self._last_snapshot.get(r.camera_id)
         return last is None or r.capture_mono - last >= src.cam.snapshot_interval_s
 
+    def _publish_health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
+        self.publisher.publish_health(camera_id, state, previous, reason)
+        self.outputs.offer_health(camera_id, state, previous, reason)   # broker outputs
+
     def _on_frame_dropped(self, camera_id: str, cause: str) -> None:
         cam = self.cameras.get(camera_id)
         if cam is not None and cause == "too_old":
@@ -175,7 +192,7 @@ class Daemon:
     # ---- cameras ----------------------------------------------------------------------------------
     def _start_camera(self, cam_cfg: CameraConfig, cfg: Config) -> None:
         q = self.queues.add(cam_cfg.id, cam_cfg.queue_depth)
-        src = CameraSource(cam_cfg, cfg.sources, q, self.publisher.publish_health)
+        src = CameraSource(cam_cfg, cfg.sources, q, self._publish_health)
         self.cameras[cam_cfg.id] = src
         src.start()
 
@@ -191,7 +208,7 @@ class Daemon:
         err = dead.error
         log.warning("camera=%s decoder thread died (%s); restarting it", cam_id,
                     scrub(f"{type(err).__name__}: {err}"))
-        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.publisher.publish_health)
+        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self._publish_health)
         src.stats = dead.stats          # counters stay monotonic for metrics
         src.stats.reconnects += 1
         self.cameras[cam_id] = src
@@ -243,6 +260,9 @@ class Daemon:
             cam.check_stall(now)
             if cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set():
                 self._restart_dead_camera(cam_id, cam, now)
+        if self.outputs and now >= self._next_output_stats:   # broker outputs get the stats message too
+            self._next_output_stats = now + self.cfg.publisher.stats_interval_s
+            self.outputs.offer_stats(self.stats())
         err = self.pipeline.first_error() or self.publisher.error or \
             (self.request_server.error if self.request_server is not None else None)
         if err is not None:
@@ -318,6 +338,7 @@ class Daemon:
             self.request_server.join(max(0.5, deadline - time.monotonic()))
         self.publisher.stop()
         self.publisher.join(max(0.5, deadline - time.monotonic()))
+        self.outputs.close(max(0.5, deadline - time.monotonic()))   # broker outputs: drain, say offline
         self.backend.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -365,6 +386,9 @@ class Daemon:
         if new.publisher != old.publisher:
             log.warning("publisher settings changed: they apply at the next restart (the socket stays as is)")
             new = new.model_copy(update={"publisher": old.publisher})
+        if new.outputs != old.outputs:
+            log.warning("outputs settings changed: they apply at the next restart (connections stay as they are)")
+            new = new.model_copy(update={"outputs": old.outputs})
         if model_changed or new.scheduler != old.scheduler:
             # The new model is already loaded and warm; swap pipelines, keep the queues.
             pipeline = self._make_pipeline(backend, new, params)
@@ -433,6 +457,7 @@ class Daemon:
             "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped,
                           "stale": self.publisher.stale},
             "reloads": dict(self.reloads),
+            **({"outputs": self.outputs.counters()} if self.outputs else {}),
             **({"requests": {"queued": len(self.request_server.queue),
                              **self.request_server.metrics.outcome_counts()}}
                if self.request_server is not None else {}),
