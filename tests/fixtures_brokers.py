@@ -1,7 +1,7 @@
 """Real Mosquitto and Redis servers on free loopback ports, each with its own config and
 folder, stopped by PID. Tests import the fixtures they use from here.
 
-    mosquitto_factory(password=None)  -> Mosquitto (start()/stop() again on the same port)
+    mosquitto_factory(password=None, tls=False)  -> Mosquitto (start()/stop() again on the same port)
     redis_factory(**redis_options)    -> RedisServer
     MqttRecorder(port, topics)        -> a paho subscriber keeping every message it got
 """
@@ -63,8 +63,21 @@ class _Server:
         wait_until(lambda: not _port_open(self.port), 5, what=f"{self.name} port {self.port} to close")
 
 
+def make_tls_files(folder: Path) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 it signed (openssl, EC keys)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=streamd test CA")
+    ssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "1", "-extfile", "san.cnf")
+    return {"ca": folder / "ca.crt", "cert": folder / "server.crt", "key": folder / "server.key"}
+
+
 class Mosquitto(_Server):
-    def __init__(self, workdir: Path, password: tuple[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, password: tuple[str, str] | None = None, tls: bool = False) -> None:
         port = free_tcp_port()
         # user: run as whoever runs the tests (as root mosquitto would switch to a 'mosquitto'
         # user that cannot read the test's folder).
@@ -79,6 +92,10 @@ class Mosquitto(_Server):
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines += ["allow_anonymous true"]
+        self.tls_files = make_tls_files(workdir) if tls else None
+        if self.tls_files is not None:
+            lines += [f"cafile {self.tls_files['ca']}", f"certfile {self.tls_files['cert']}",
+                      f"keyfile {self.tls_files['key']}"]
         conf = workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         assert MOSQUITTO is not None
@@ -102,10 +119,10 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         pytest.skip("mosquitto is not installed (tools/setup_system.sh installs it)")
     made: list[Mosquitto] = []
 
-    def make(password: tuple[str, str] | None = None, start: bool = True) -> Mosquitto:
+    def make(password: tuple[str, str] | None = None, start: bool = True, tls: bool = False) -> Mosquitto:
         d = tmp_path / f"mosquitto{len(made)}"
         d.mkdir()
-        m = Mosquitto(d, password)
+        m = Mosquitto(d, password, tls)
         made.append(m)
         if start:
             m.start()

@@ -6,17 +6,19 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streamd.config import HomeAssistantConfig, MqttOutputConfig
+from streamd.config import HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig
 from streamd.outputs.base import Outbound
-from tests.fixtures_brokers import Received, mosquitto_factory, mqtt_recorder  # noqa: F401 - fixtures
-from tests.fixtures_daemon import wait_until
+from tests.fixtures_brokers import make_tls_files, mosquitto_factory, mqtt_recorder  # noqa: F401 - fixtures
+from tests.fixtures_daemon import free_tcp_port, wait_until
 from tests.test_daemon import base_config
+from tests.test_service_daemon import metric, metrics_text
 
 pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install -e '.[test]')")
 from streamd.outputs.mqtt import MqttOutput  # noqa: E402
@@ -127,6 +129,7 @@ def test_broker_away_and_back_daemon_keeps_publishing_counts_drops_and_reconnect
     broker = mosquitto_factory()
     cfg = daemon_config(fall_onnx_320, test_media["bus"].mp4,
                         {"port": broker.port, "queue_size": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1})
+    cfg["metrics"] = {"port": free_tcp_port()}
     d = daemon_factory(cfg)
     zmq_sub = collector_factory(cfg["publisher"]["endpoint"])
     rec = mqtt_recorder(broker.port, ["streamd/#"])
@@ -147,6 +150,11 @@ def test_broker_away_and_back_daemon_keeps_publishing_counts_drops_and_reconnect
                      and m["outputs"]["mqtt"]["connected"] == 1, 30, "the reconnect counted")
     assert d.proc.poll() is None
     assert "connection to mqtt://127.0.0.1" in d.log()
+    text = metrics_text(cfg["metrics"]["port"])
+    assert metric(text, "streamd_output_reconnects_total", output="mqtt") >= 1
+    assert metric(text, "streamd_output_messages_dropped_total", output="mqtt") > 0
+    assert metric(text, "streamd_output_messages_sent_total", output="mqtt") > 0
+    assert metric(text, "streamd_output_connected", output="mqtt") == 1
     assert d.stop() == 0
     assert back.on(f"{BASE}/availability")[-1].payload == b"offline", "a clean stop says offline itself"
 
@@ -198,3 +206,28 @@ def test_queue_keeps_the_newest_while_the_broker_is_away_with_credentials_never_
     assert not out.is_alive() and not wrong.is_alive()
     assert "s3cret-pw-41" not in caplog.text and "wrong-pw-77" not in caplog.text
     assert "Not authorized" in caplog.text
+
+
+def test_tls_connects_only_to_a_broker_whose_certificate_the_configured_ca_signed(
+        mosquitto_factory, tmp_path: Path) -> None:  # noqa: F811
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (needed to make the test certificates)")
+    broker = mosquitto_factory(tls=True)
+    assert broker.tls_files is not None
+    other_ca = make_tls_files(tmp_path)["ca"]      # a CA that did not sign the broker's certificate
+
+    def output(ca: Path, name: str) -> MqttOutput:
+        return MqttOutput(MqttOutputConfig(port=broker.port, client_id=name, tls=MqttTlsConfig(ca_file=ca),
+                                           backoff_initial_s=0.1, backoff_max_s=0.5), name, [])
+    good, bad = output(broker.tls_files["ca"], "good"), output(other_ca, "bad")
+    good.start()
+    bad.start()
+    try:
+        good.offer(detections(1, ["person"]))
+        wait_until(lambda: good.counters()["sent"] == 1, 15, what="a message over TLS")
+        wait_until(lambda: bad.last_error and "CERTIFICATE_VERIFY_FAILED" in bad.last_error, 15,
+                   what="the unknown certificate to be refused")
+        assert bad.counters()["connected"] == 0
+    finally:
+        good.close(2)
+        bad.close(1)

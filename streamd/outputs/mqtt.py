@@ -100,6 +100,8 @@ class MqttOutput(QueuedOutput):
                 raise ConnectionError(mqtt.error_string(rc))
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no answer to CONNECT within {CONNACK_TIMEOUT_S:.0f}s")
+            if self.stop_event.is_set():
+                raise ConnectionError("stopping before the broker answered")
         if self._connack.is_failure:     # e.g. "Not authorized": the broker's own words
             raise ConnectionRefusedError(f"the broker refused the connection: {self._connack}")
         self._client.publish(self.availability_topic, AVAILABLE, qos=1, retain=True)
@@ -169,8 +171,10 @@ class MqttOutput(QueuedOutput):
                 return True
         # Last known health and stats are what a late subscriber wants: always retained.
         retain = cfg.retain if msg.kind in ("detections", "event") else True
-        info = self._client.publish(self._topic(msg), json.dumps(self.envelope(msg), separators=(",", ":")),
-                                    qos=cfg.qos, retain=retain)
+        payload = self.encode(msg)
+        if payload is None:
+            return True
+        info = self._client.publish(self._topic(msg), payload, qos=cfg.qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_NO_CONN and cfg.qos == 0:
             return False
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

@@ -8,7 +8,6 @@ the reconnect (at least once: an entry Redis took just before the link died can 
 
 from __future__ import annotations
 
-import json
 import logging
 
 import redis
@@ -60,7 +59,9 @@ class RedisStreamsOutput(QueuedOutput):
                 continue
             pipe = self._redis.pipeline(transaction=False)
             for msg in batch:
-                pipe.xadd(self.stream(msg.kind), self._fields(msg), maxlen=self.cfg.maxlen, approximate=True)
+                fields = self._fields(msg)
+                if fields is not None:
+                    pipe.xadd(self.stream(msg.kind), fields, maxlen=self.cfg.maxlen, approximate=True)
             try:
                 replies = pipe.execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -84,14 +85,16 @@ class RedisStreamsOutput(QueuedOutput):
                 pass
             self._redis = None
 
-    def _fields(self, msg: Outbound) -> dict[str, str | bytes | int]:
-        body = self.envelope(msg)
-        fields: dict[str, str | bytes | int] = {"type": str(body.get("type", msg.kind)), "origin": self.origin}
+    def _fields(self, msg: Outbound) -> dict[str, str | bytes | int] | None:
+        body = self.encode(msg)
+        if body is None:
+            return None
+        fields: dict[str, str | bytes | int] = {"type": str(msg.body.get("type", msg.kind)), "origin": self.origin}
         if msg.kind != "stats":
             fields["camera"] = msg.key
         if msg.kind == "detections":
-            fields["count"] = len(body.get("detections", ()))
-        fields["body"] = json.dumps(body, separators=(",", ":"))
+            fields["count"] = len(msg.body.get("detections", ()))
+        fields["body"] = body
         if msg.attachment is not None and self.cfg.snapshots:
             fields["snapshot"] = msg.attachment
         return fields

@@ -9,6 +9,7 @@ messages; older ones are dropped and counted. Subclasses implement the connectio
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
@@ -60,6 +61,7 @@ class QueuedOutput(threading.Thread):
         self.stale = 0          # detections older than their deadline when their turn came
         self.reconnects = 0
         self.last_error: str | None = None
+        self._bad_body_logged = False
 
     # ---- the caller's side (any thread) ----------------------------------------------------------
     def offer(self, msg: Outbound) -> None:
@@ -125,11 +127,21 @@ class QueuedOutput(threading.Thread):
         self._wake.wait(timeout)
         self._wake.clear()
 
-    def envelope(self, msg: Outbound) -> dict[str, Any]:
-        """The body with what a reader of any transport needs to tell boxes and gaps apart."""
+    def encode(self, msg: Outbound) -> str | None:
+        """The body as JSON, with what a reader of any transport needs to tell boxes and gaps
+        apart; None (dropped, counted, said once) for a body JSON cannot carry (NaN, bytes)."""
         self._seq += 1
-        return {**msg.body, "v": protocol.PROTOCOL_VERSION, "origin": self.origin, "host": self.host,
+        body = {**msg.body, "v": protocol.PROTOCOL_VERSION, "origin": self.origin, "host": self.host,
                 "seq": self._seq, "publish_ts": round(time.time(), 6)}
+        try:
+            return json.dumps(body, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            self.dropped += 1
+            if not self._bad_body_logged:
+                log.error("output=%s cannot encode a %s message (%s); such messages are dropped",
+                          self.name, msg.kind, exc)
+                self._bad_body_logged = True
+            return None
 
     def _open(self) -> None:
         """Connect; raise on failure (the message is logged, scrubbed)."""
@@ -148,6 +160,13 @@ class QueuedOutput(threading.Thread):
 
     # ---- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not pass silently
+            log.exception("output=%s thread failed: %s", self.name, scrub(str(exc)))
+            self.connected = False
+
+    def _run(self) -> None:
         attempt = 0
         ever_connected = False
         while not self.stop_event.is_set() or (self.connected and not self.draining_done()):
