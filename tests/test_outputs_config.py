@@ -75,3 +75,12 @@ def test_home_assistant_classes_must_be_the_models() -> None:
     with pytest.raises(ConfigError) as info:
         build_outputs(cfg.outputs, "box", ["person", "car"])
     assert "outputs.mqtt.homeassistant.classes[1]" in str(info.value) and "'cat'" in str(info.value)
+
+
+def test_the_example_configs_commented_outputs_block_is_valid_once_uncommented() -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "example.yaml").read_text()
+    block = text[text.index("# outputs:"):text.index("\nlog:")]
+    uncommented = "\n".join(line[2:] for line in block.splitlines())
+    cfg = parse(uncommented, env={"MQTT_PASSWORD": "x"})
+    assert cfg.outputs.mqtt is not None and cfg.outputs.redis is not None
+    assert cfg.outputs.mqtt.homeassistant.discovery_prefix == "homeassistant"
