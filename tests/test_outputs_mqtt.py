@@ -3,6 +3,7 @@ the last will on SIGKILL, a broker that goes away and comes back, credentials.""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -59,7 +60,9 @@ def check_discovery(topic: str, cfg: dict[str, Any]) -> str:
     assert isinstance(cfg["origin"]["name"], str)
     assert "availability_topic" not in cfg, "availability and availability_topic are exclusive"
     for a in cfg["availability"]:
+        assert not set(a) - {"topic", "payload_available", "payload_not_available", "value_template"}
         assert a["topic"] and isinstance(a["payload_available"], str) and isinstance(a["payload_not_available"], str)
+    assert cfg.get("availability_mode", "latest") in ("all", "any", "latest")
     assert cfg.get("qos", 0) in (0, 1, 2)
     if component == "binary_sensor":
         assert cfg["device_class"] in BINARY_SENSOR_CLASSES
@@ -68,6 +71,13 @@ def check_discovery(topic: str, cfg: dict[str, Any]) -> str:
         assert cfg.get("state_class") in (None, "measurement", "total", "total_increasing")
     assert cfg.get("entity_category") in (None, "config", "diagnostic")
     return component
+
+
+def render(template: str, payload: bytes) -> str:
+    """A discovery template rendered as HA renders it: Jinja, with ``value`` and ``value_json``."""
+    sandbox = pytest.importorskip("jinja2.sandbox", reason="jinja2 is not installed (pip install -e '.[test]')")
+    env = sandbox.ImmutableSandboxedEnvironment()
+    return env.from_string(template).render(value=payload.decode(), value_json=json.loads(payload)).strip()
 
 
 def daemon_config(model: Path, video: Path, mqtt: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +100,9 @@ def test_daemon_publishes_detections_health_stats_and_discovery_and_the_will_say
     assert (det["width"], det["height"]) == (640, 480)
     for box in det["detections"]:
         assert box["label"] in ("Normal", "Fall") and len(box["box"]) == 4 and 0 < box["confidence"] <= 1
-    health = rec.wait_for(lambda m: m.topic == f"{BASE}/bus/health", 30, "a health message").json()
-    assert health["type"] == "health" and health["state"] in ("connecting", "streaming")
+    streaming = rec.wait_for(lambda m: m.topic == f"{BASE}/bus/health" and m.json()["state"] == "streaming", 30,
+                             "a health message saying streaming")
+    assert streaming.json()["type"] == "health" and streaming.json()["camera"] == "bus"
     stats = rec.wait_for(lambda m: m.topic == f"{BASE}/stats" and m.json()["outputs"]["mqtt"]["sent"] > 0, 30,
                          "a stats message counting MQTT sends").json()
     assert stats["outputs"]["mqtt"]["connected"] == 1
@@ -105,12 +116,22 @@ def test_daemon_publishes_detections_health_stats_and_discovery_and_the_will_say
     assert len({tuple(c["device"]["identifiers"]) for c in configs.values()}) == 1   # one device: the camera
     for topic, c in configs.items():
         assert c["availability"][0]["topic"] == f"{BASE}/availability"
+        # Class entities are also unavailable while the camera is not streaming: its health
+        # topic, read through a template the way HA renders it, gives the payloads listed.
+        if "_state/" not in topic:
+            cam = c["availability"][1]
+            assert cam["topic"] == f"{BASE}/bus/health" and c["availability_mode"] == "all"
+            assert render(cam["value_template"], streaming.payload) == cam["payload_available"]
+            assert render(cam["value_template"], b'{"state": "lost"}') == cam["payload_not_available"]
         # Every state topic is one the daemon really publishes, with values the entity accepts.
         got = rec.wait_for(lambda m, t=c["state_topic"]: m.topic == t, 30, f"a state on {c['state_topic']}")
+        value = render(c["value_template"], got.payload) if "value_template" in c else got.payload.decode()
         if "payload_on" in c:
-            assert got.payload.decode() in (c["payload_on"], c["payload_off"])
-        elif "value_template" not in c:
-            assert int(got.payload) >= 0
+            assert value in (c["payload_on"], c["payload_off"])
+        elif "value_template" in c:
+            assert value in ("starting", "connecting", "streaming")      # the camera's state
+        else:
+            assert int(value) >= 0
     normal = [int(m.payload) for m in rec.on(f"{BASE}/bus/normal/count")]
     assert max(normal) > 0 and b"ON" in [m.payload for m in rec.on(f"{BASE}/bus/normal/present")]
 

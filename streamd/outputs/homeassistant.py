@@ -5,7 +5,7 @@ Per camera, one HA device with, per class, a binary sensor ``<class> present`` (
 sensor ``<class> count``, plus a sensor with the camera's state (from its health topic).
 Configs go to ``<discovery_prefix>/<component>/<node_id>/<object_id>/config`` (retained), as
 HA's MQTT discovery documents; every entity is unavailable while the daemon's availability
-topic says ``offline``. States are published retained and only when they change, so HA shows
+topic says ``offline``, and the class entities also while the camera is not streaming. States are published retained and only when they change, so HA shows
 the right state at once after its own restart, and a busy camera costs nothing per frame.
 Payloads are plain dicts built here by hand: no maintained Python library produces HA's
 discovery schema without pulling in Home Assistant itself.
@@ -51,16 +51,22 @@ class Discovery:
         cam = slug(camera)
         device = {"identifiers": [f"{self.node_id}_{cam}"], "name": f"{camera} ({self.origin})",
                   "manufacturer": "streamd", "model": "camera", "sw_version": __version__}
-        common = {"availability": [{"topic": self.availability_topic, "payload_available": AVAILABLE,
-                                    "payload_not_available": NOT_AVAILABLE}],
-                  "device": device, "origin": {"name": "streamd", "sw_version": __version__},
-                  "qos": self.qos}
+        daemon = {"topic": self.availability_topic, "payload_available": AVAILABLE,
+                  "payload_not_available": NOT_AVAILABLE}
+        # A count from a camera that is not streaming is no count: those entities are
+        # unavailable until its (retained) health says streaming again.
+        streaming = {"topic": f"{self.topic_base}/{camera}/health", "payload_available": AVAILABLE,
+                     "payload_not_available": NOT_AVAILABLE,
+                     "value_template": "{{ 'online' if value_json.state == 'streaming' else 'offline' }}"}
+        common = {"device": device, "origin": {"name": "streamd", "sw_version": __version__}, "qos": self.qos}
         out: list[tuple[str, dict[str, Any]]] = []
 
-        def add(component: str, object_id: str, payload: dict[str, Any]) -> None:
+        def add(component: str, object_id: str, payload: dict[str, Any], needs_stream: bool = True) -> None:
             unique_id = f"{self.node_id}_{object_id}"
             topic = f"{self.discovery_prefix}/{component}/{self.node_id}/{object_id}/config"
-            out.append((topic, {**payload, "unique_id": unique_id, **common}))
+            availability: dict[str, Any] = {"availability": [daemon, streaming], "availability_mode": "all"} \
+                if needs_stream else {"availability": [daemon]}
+            out.append((topic, {**payload, "unique_id": unique_id, **availability, **common}))
 
         for label, cls in self.classes.items():
             add("binary_sensor", f"{cam}_{cls}_present", {
@@ -73,7 +79,7 @@ class Discovery:
         add("sensor", f"{cam}_state", {
             "name": "state", "state_topic": f"{self.topic_base}/{camera}/health",
             "value_template": "{{ value_json.state }}", "icon": "mdi:cctv",
-            "entity_category": "diagnostic"})
+            "entity_category": "diagnostic"}, needs_stream=False)
         return out
 
     def state_changes(self, camera: str, body: dict[str, Any]) -> list[tuple[str, str]]:
