@@ -1,7 +1,7 @@
 """Real Mosquitto and Redis servers on free loopback ports, each with its own config and
 folder, stopped by PID. Tests import the fixtures they use from here.
 
-    mosquitto_factory(password=None, tls=False)  -> Mosquitto (start()/stop() again on the same port)
+    mosquitto_factory(password=None, tls=False, persistent=False)  -> Mosquitto (start()/stop() again on the same port)
     redis_factory(**redis_options)    -> RedisServer
     MqttRecorder(port, topics)        -> a paho subscriber keeping every message it got
 """
@@ -77,12 +77,14 @@ def make_tls_files(folder: Path) -> dict[str, Path]:
 
 
 class Mosquitto(_Server):
-    def __init__(self, workdir: Path, password: tuple[str, str] | None = None, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, password: tuple[str, str] | None = None, tls: bool = False,
+                 persistent: bool = False) -> None:
         port = free_tcp_port()
         # user: run as whoever runs the tests (as root mosquitto would switch to a 'mosquitto'
-        # user that cannot read the test's folder).
-        lines = [f"listener {port} 127.0.0.1", f"user {getpass.getuser()}", "persistence false", "log_dest stdout",
-                 "log_type all"]
+        # user that cannot read the test's folder). persistent: sessions and retained messages
+        # survive a restart (saved in workdir when the broker stops).
+        lines = [f"listener {port} 127.0.0.1", f"user {getpass.getuser()}", "log_dest stdout", "log_type all",
+                 f"persistence {'true' if persistent else 'false'}", f"persistence_location {workdir}/"]
         if password is not None:
             pwfile = workdir / "passwd"
             pwfile.write_text(f"{password[0]}:{password[1]}\n")
@@ -119,10 +121,11 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         pytest.skip("mosquitto is not installed (tools/setup_system.sh installs it)")
     made: list[Mosquitto] = []
 
-    def make(password: tuple[str, str] | None = None, start: bool = True, tls: bool = False) -> Mosquitto:
+    def make(password: tuple[str, str] | None = None, start: bool = True, tls: bool = False,
+             persistent: bool = False) -> Mosquitto:
         d = tmp_path / f"mosquitto{len(made)}"
         d.mkdir()
-        m = Mosquitto(d, password, tls)
+        m = Mosquitto(d, password, tls, persistent)
         made.append(m)
         if start:
             m.start()
@@ -169,13 +172,16 @@ class MqttRecorder:
     """A real MQTT subscriber (paho, its own network thread) that keeps what it receives."""
 
     def __init__(self, port: int, topics: list[str], username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, session: str | None = None) -> None:
+        """``session``: a client id with a persistent session, so the broker keeps (QoS 1)
+        messages for this subscriber while it is not connected."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         self.messages: list[Received] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.monotonic_ns()}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=session or f"test-{time.monotonic_ns()}",
+                                  clean_session=session is None)
         if username is not None:
             self.client.username_pw_set(username, password)
 

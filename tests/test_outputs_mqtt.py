@@ -176,8 +176,11 @@ def test_broker_away_and_back_daemon_keeps_publishing_counts_drops_and_reconnect
     assert metric(text, "streamd_output_messages_dropped_total", output="mqtt") > 0
     assert metric(text, "streamd_output_messages_sent_total", output="mqtt") > 0
     assert metric(text, "streamd_output_connected", output="mqtt") == 1
+    stopped_at = time.monotonic()
     assert d.stop() == 0
-    assert back.on(f"{BASE}/availability")[-1].payload == b"offline", "a clean stop says offline itself"
+    # A clean stop says offline itself (a goodbye DISCONNECT means the broker sends no will).
+    back.wait_for(lambda m: m.topic == f"{BASE}/availability" and m.payload == b"offline" and m.at > stopped_at,
+                  10, "offline after the stop")
 
 
 def detections(frame: int, labels: list[str], deadline: float = math.inf) -> Outbound:
@@ -189,9 +192,14 @@ def detections(frame: int, labels: list[str], deadline: float = math.inf) -> Out
 def test_queue_keeps_the_newest_while_the_broker_is_away_with_credentials_never_logged(
         mosquitto_factory, mqtt_recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     caplog.set_level(logging.DEBUG)
-    broker = mosquitto_factory(password=("streamd", "s3cret-pw-41"), start=False)
+    broker = mosquitto_factory(password=("streamd", "s3cret-pw-41"), persistent=True)
+    login = {"username": "streamd", "password": "s3cret-pw-41", "session": "test-recorder"}
+    # A subscriber with a persistent session: whatever comes while it is not connected (QoS 1),
+    # the broker keeps for it, so it cannot miss the first messages after the restart.
+    mqtt_recorder(broker.port, ["streamd/#"], **login).close()
+    broker.stop()
     (tmp_path / "pw").write_text("s3cret-pw-41\n")
-    out = MqttOutput(MqttOutputConfig(port=broker.port, username="streamd", password_file=tmp_path / "pw",
+    out = MqttOutput(MqttOutputConfig(port=broker.port, username="streamd", password_file=tmp_path / "pw", qos=1,
                                       queue_size=5, only_non_empty=True, backoff_initial_s=0.1, backoff_max_s=0.5,
                                       homeassistant=HomeAssistantConfig(enabled=True)), "box", ["person"])
     wrong = MqttOutput(MqttOutputConfig(port=broker.port, username="streamd", password="wrong-pw-77",
@@ -203,8 +211,8 @@ def test_queue_keeps_the_newest_while_the_broker_is_away_with_credentials_never_
             out.offer(detections(i, ["person"]))      # the broker is not there: offer never waits
         assert out.counters()["dropped"] == 15 and out.counters()["queued"] == 5
         broker.start()
-        rec = mqtt_recorder(broker.port, ["streamd/#"], username="streamd", password="s3cret-pw-41")
         wait_until(lambda: out.counters()["sent"] == 5, 15, what="the 5 queued messages to go out")
+        rec = mqtt_recorder(broker.port, ["streamd/#"], **login)
         rec.wait_for(lambda m: m.topic == "streamd/box/door/detections" and m.json()["frame"] == 19, 10, "frame 19")
         frames = [m.json()["frame"] for m in rec.on("streamd/box/door/detections")]
         assert frames == [15, 16, 17, 18, 19], "the newest five, in order"
