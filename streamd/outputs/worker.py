@@ -42,8 +42,8 @@ class QueuedOutput(threading.Thread):
 
     def __init__(self, name: str, origin: str, queue_size: int, backoff_initial_s: float,
                  backoff_max_s: float) -> None:
-        super().__init__(name=f"output-{name}", daemon=True)
-        self.name = name
+        # The thread's name is the output's name (the Output protocol's ``name``): "mqtt", "redis".
+        super().__init__(name=name, daemon=True)
         self.origin = origin
         self.host = socket.gethostname()
         self.stop_event = threading.Event()
@@ -79,7 +79,9 @@ class QueuedOutput(threading.Thread):
         self.stop_event.set()
         self._wake.set()
         if self.is_alive():
-            self.join(timeout_s + 2.0)
+            # A little beyond the deadline: the goodbye (MQTT's offline) follows the drain. A
+            # thread still inside a connect attempt is a daemon thread: it cannot hold the exit.
+            self.join(timeout_s + 0.5)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
