@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages streamd's demo and tests need, if they are missing:
-# FFmpeg (to make clips) and GStreamer's RTSP server with Python bindings (the test cameras).
-# The daemon itself needs none of these.
+# FFmpeg (to make clips), GStreamer's RTSP server with Python bindings (the test cameras), and
+# the Mosquitto and Redis servers the broker-output tests start. The daemon itself needs none.
 set -euo pipefail
 
 pkgs=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav mosquitto redis-server)
 
 have_all() {
   command -v ffmpeg >/dev/null 2>&1 || return 1
+  # Debian installs the brokers' binaries in sbin/bin; the tests start their own instances.
+  [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || return 1
+  command -v redis-server >/dev/null 2>&1 || return 1
   /usr/bin/python3 - <<'PY' >/dev/null 2>&1 || return 1
 import gi
 gi.require_version("Gst", "1.0")

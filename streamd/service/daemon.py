@@ -20,8 +20,11 @@ from ..backends import backend_for
 from ..backends.pool import BackendPool, open_pool
 from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
 from ..errors import StreamdError
+from ..outputs.base import Output
+from ..outputs.fanout import build_outputs
 from ..outputs.zmq_publisher import Publisher
 from ..pipeline.output import OutputStage
+from ..pipeline.output.messages import stats_message
 from ..pipeline.output.snapshots import SnapshotPolicy
 from ..pipeline.postprocess import PostprocessParams, postprocess_params
 from ..pipeline.queues import QueueSet
@@ -31,6 +34,7 @@ from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffm
 from ..redact import scrub
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
+from .output_metrics import OutputCollector
 from .requests import RequestServer
 from .systemd import Notifier, Watchdog
 
@@ -88,6 +92,8 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
+        self.outputs: list[Output] = []          # broker outputs (MQTT, Redis Streams) beside ZeroMQ
+        self._next_output_stats = 0.0
         # The scheduler's second input; front doors (the ROUTER socket) feed it.
         self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) if cfg.requests.enabled \
             else None
@@ -95,7 +101,10 @@ class Daemon:
             params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
                                        on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
-            self.output = OutputStage([self.publisher], SnapshotPolicy(self._camera_settings),
+            names = self.backend.info.names
+            labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
+            self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
+            self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results)
             if self.request_queue is not None:
@@ -106,9 +115,13 @@ class Daemon:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 if self.request_server is not None:
                     registry.register(self.request_server.metrics)
+                if self.outputs:
+                    registry.register(OutputCollector(self.output_counters))
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
                                                     health=self.health_problem)
         except BaseException:
+            for out in self.outputs:
+                out.close(0.5)
             if self.request_server is not None:
                 self.request_server.close_socket()
             if self.publisher is not None:
@@ -211,6 +224,12 @@ class Daemon:
             cam.check_stall(now)
             if _died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
+        if self.outputs and now >= self._next_output_stats:
+            # The ZeroMQ publisher times its own stats messages; the broker outputs get theirs here.
+            self._next_output_stats = now + self.cfg.publisher.stats_interval_s
+            msg = stats_message(self.stats())
+            for out in self.outputs:
+                out.offer(msg)
         err = self.pipeline.first_error() or self.publisher.error or \
             (self.request_server.error if self.request_server is not None else None)
         if err is not None:
@@ -336,6 +355,9 @@ class Daemon:
         if new.publisher != old.publisher:
             log.warning("publisher settings changed: they apply at the next restart (the socket stays as is)")
             new = new.model_copy(update={"publisher": old.publisher})
+        if new.outputs != old.outputs:
+            log.warning("outputs settings changed: they apply at the next restart (connections stay as they are)")
+            new = new.model_copy(update={"outputs": old.outputs})
         if model_changed or new.scheduler != old.scheduler:
             # The new model is already loaded and warm; swap pipelines, keep the queues.
             pipeline = self._make_pipeline(backend, new, params)
@@ -375,6 +397,9 @@ class Daemon:
         return True
 
     # ---- stats (the stats message; metrics read the same numbers) ----------------------------------
+    def output_counters(self) -> dict[str, dict[str, int]]:
+        return {out.name: out.counters() for out in self.outputs}
+
     def stats(self) -> dict[str, Any]:
         depths = self.queues.depths()
         cams = {}
@@ -404,6 +429,7 @@ class Daemon:
             "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped,
                           "stale": self.publisher.stale},
             "reloads": dict(self.reloads),
+            **({"outputs": self.output_counters()} if self.outputs else {}),
             **({"requests": {"queued": len(self.request_server.queue),
                              **self.request_server.metrics.outcome_counts()}}
                if self.request_server is not None else {}),

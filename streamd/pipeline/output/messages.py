@@ -47,6 +47,11 @@ def health_message(camera_id: str, state: str, previous: str, reason: str) -> Ou
                                           "previous": previous, "reason": scrub(reason)})
 
 
+def stats_message(stats: dict[str, Any]) -> Outbound:
+    """The daemon's periodic ``stats`` message (the same counters ``streamd status`` reads)."""
+    return Outbound("stats", "", {"type": protocol.TYPE_STATS, **stats})
+
+
 def request_result_body(rr: RequestResult) -> dict[str, Any]:
     """The ``result`` answer to an on-demand request (the reply and the published copy)."""
     req = rr.request
