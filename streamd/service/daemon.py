@@ -24,7 +24,7 @@ from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_co
 from ..entities import Frame, FrameResult
 from ..errors import ConfigError, StreamdError
 from ..outputs.zmq_publisher import Publisher
-from ..pipeline.postprocess import PostprocessParams
+from ..pipeline.postprocess import PostprocessParams, warn_if_conf_below_graph
 from ..pipeline.queues import QueueSet
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
@@ -62,9 +62,11 @@ def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
     # Only the TensorRT backend can rebuild its model; the others don't take the option.
     extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
-    return open_pool(m.path, m.backend, device=m.device, threads=m.threads,
+    pool = open_pool(m.path, m.backend, device=m.device, threads=m.threads,
                      workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
                      verify_sha256=m.verify_sha256, **extra)
+    warn_if_conf_below_graph(pool.info, m.conf)
+    return pool
 
 
 def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
