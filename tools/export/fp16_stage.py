@@ -119,7 +119,7 @@ def convert_fp16(src: Path, dst: Path) -> Fp16Report:
     keep32 = fp32_node_names(model)
     # ONNX Runtime clips weights beyond the FP16 range (and says so in its log); count them
     # here so the manifest records it.
-    over_range = {}
+    over_range: dict[str, int] = {}
     for t in graph.initializer:
         if t.data_type == TensorProto.FLOAT:
             arr = numpy_helper.to_array(t)
