@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,23 +59,10 @@ class Row:
 
 def sample_pictures(folder: Path) -> Path:
     """12 pictures from Ultralytics' samples: each, its mirror image, two crops of each."""
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or spec.origin is None:
+    from streamd_export.samples import write_sample_pictures
+
+    if not write_sample_pictures(folder):
         raise SystemExit("give --calib DIR (Ultralytics' sample pictures are not installed)")
-    assets = Path(spec.origin).parent / "assets"
-    rng = np.random.default_rng(0)
-    k = 0
-    for name in ("bus.jpg", "zidane.jpg"):
-        img = cv2.imread(str(assets / name))
-        for view in (img, cv2.flip(img, 1)):
-            cv2.imwrite(str(folder / f"{k:02d}.jpg"), view)
-            k += 1
-            h, w = view.shape[:2]
-            for _ in range(2):
-                side = int(min(h, w) * rng.uniform(0.5, 0.8))
-                y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-                cv2.imwrite(str(folder / f"{k:02d}.png"), view[y:y + side, x:x + side])
-                k += 1
     return folder
 
 

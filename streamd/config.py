@@ -22,6 +22,7 @@ from .config_loader import (ModelT, StrictModel, line_for, load_file, load_yaml,
                             validate_model, validation_error)
 from .errors import ConfigError
 from .redact import redact_url, register_secret, register_url
+from .thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
@@ -50,9 +51,9 @@ class ModelConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per worker (0: chosen with "
                                                 "scheduler.workers)")
-    conf: float = Field(0.25, gt=0, lt=1, description="minimum confidence")
-    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold")
-    max_det: int = Field(300, ge=1, le=10000)
+    conf: float = Field(DEFAULT_CONF, gt=0, lt=1, description="minimum confidence")
+    iou: float = Field(DEFAULT_IOU, gt=0, le=1, description="NMS IoU threshold")
+    max_det: int = Field(DEFAULT_MAX_DET, ge=1, le=10000)
     classes: list[int | str] | None = Field(None, description="keep only these class ids or names")
     verify_sha256: bool = True
     rebuild_engine: bool = Field(False, description="TensorRT: rebuild an engine that doesn't fit this "

@@ -130,6 +130,12 @@ class ModelManifest:
         if not self.class_names:
             raise ManifestError(f"{where}: class_names is empty")
 
+    def nms_conf(self) -> float | None:
+        """The score threshold baked into a graph with NMS inside (``--nms --conf``), or None
+        (a raw head, or a manifest that does not record one)."""
+        conf = (self.nms or {}).get("conf") if self.output_layout == LAYOUT_END2END else None
+        return float(conf) if isinstance(conf, (int, float)) and not isinstance(conf, bool) else None
+
     # ---- files -------------------------------------------------------------------------
     def write(self, model_path: str | os.PathLike[str]) -> Path:
         """Write atomically beside ``model_path`` (a reader never sees half a manifest)."""

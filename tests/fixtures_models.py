@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from streamd.thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "test-models"
 EXPORT_SRC = REPO_ROOT / "tools" / "export"
@@ -204,7 +206,8 @@ def _norm_batch(batch: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def export_cached(pt: Path, imgsz: int | tuple[int, int] = 320, batch: int | tuple[int, int] = (1, 8),
-                  nms: bool = False, *, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                  nms: bool = False, *, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU,
+                  max_det: int = DEFAULT_MAX_DET,
                   simplify: bool = True, dynamic_hw: bool = False) -> Path:
     """Export ``pt`` through streamd-export's pipeline, or reuse an identical earlier export.
 

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import yaml
 from streamd_export.cli import EXIT_NEEDS_GPU, main
+from streamd_export.samples import write_sample_pictures
 
 from streamd.backends import open_backend
 from streamd.manifest import ModelManifest
@@ -81,19 +82,7 @@ def sha256_of(path: Path) -> str:
 def calib_dir(tmp_path_factory: pytest.TempPathFactory, sample_images: list[Path]) -> Path:
     """12 pictures: the two samples, their mirror images, and two crops of each."""
     folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    k = 0
-    for path in sample_images:
-        img = cv2.imread(str(path))
-        for view in (img, cv2.flip(img, 1)):
-            cv2.imwrite(str(folder / f"{k:02d}.jpg"), view)
-            k += 1
-            h, w = view.shape[:2]
-            for _ in range(2):
-                side = int(min(h, w) * rng.uniform(0.5, 0.8))
-                y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-                cv2.imwrite(str(folder / f"{k:02d}.png"), view[y:y + side, x:x + side])
-                k += 1
+    assert write_sample_pictures(folder, sample_images) == 12
     return folder
 
 
@@ -143,8 +132,13 @@ def test_real_model_precisions_install_with_their_manifest(key: str, fall_runs: 
         assert q["flavour"] == ("cpu" if key == "int8-cpu" else "tensorrt")
         assert q["calibration_images"] == 12 and q["calibration_source"] == f"folder {calib_dir.name}"
         assert "calibrating: 12/12 images" in run.err
-    # The summary names the file and the agreement the tool measured.
+    # The summary names the file and the agreement the tool measured, and tells the input
+    # tensor's type (float32 whatever the precision) from how the model computes.
     assert f"wrote {path}" in run.out and "agreement with FP32" in run.out
+    assert f"  input:   {m.input_name} float32, batch 1-4 x 3 x" in run.out
+    compute = {"fp16": "fp16 (the head's decode in fp32)", "int8": "int8 (Q/DQ, tensorrt flavour)",
+               "int8-cpu": "int8 (Q/DQ, cpu flavour)"}[key]
+    assert f"  compute: {compute}\n" in run.out
 
 
 # ---------------------------------------------------------------------------------------

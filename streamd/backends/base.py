@@ -39,6 +39,9 @@ class ModelInfo:
     source: str = "manifest"          # where the facts came from: "manifest" | "onnx-metadata"
     dynamic_hw: bool = False         # any H, W that are multiples of ``stride`` up to input_hw
     stride: int = 32
+    # The score threshold baked into a graph with NMS inside (from its manifest): no box
+    # below it ever comes out. None: a raw head, or a graph that does not say.
+    nms_conf: float | None = None
 
     def describe(self) -> str:
         h, w = self.input_hw

@@ -153,7 +153,8 @@ class OnnxRuntimeBackend(Backend):
         return ModelInfo(path=self.path, names=names, input_name=inp.name, input_hw=hw,
                          input_dtype=np.dtype(dtype), batch_min=bmin, batch_max=bmax,
                          output_layout=layout, precision=precision, sha256=sha, source=source,
-                         dynamic_hw=dynamic_hw, stride=stride)
+                         dynamic_hw=dynamic_hw, stride=stride,
+                         nms_conf=manifest.nms_conf() if manifest is not None else None)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.check_batch(batch)

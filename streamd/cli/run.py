@@ -13,8 +13,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.load_model:
         from ..backends import open_backend
+        from ..pipeline.postprocess import conf_below_graph
         with open_backend(cfg.model.path, cfg.model.backend, device=cfg.model.device, warmup=False) as b:
             print(f"model: {b.info.describe()}")
+            below = conf_below_graph(b.info, cfg.model.conf)
+            if below is not None:
+                print(f"warning: {below}")
     print(f"{args.config}: OK ({len(cfg.cameras)} cameras, model {cfg.model.path.name}, "
           f"publisher {cfg.publisher.endpoint})")
     for cam in cfg.cameras:

@@ -9,7 +9,9 @@ Two layouts (see ``manifest.LAYOUTS``):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,7 +19,13 @@ from ..config import ModelConfig
 from ..entities import Detection
 from ..errors import ConfigError
 from ..manifest import LAYOUT_END2END, LAYOUT_RAW
+from ..thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 from .preprocess import Letterbox
+
+if TYPE_CHECKING:
+    from ..backends.base import ModelInfo
+
+log = logging.getLogger("streamd.postprocess")
 
 MAX_NMS_CANDIDATES = 30000   # Ultralytics' max_nms: cap the sort on pathological outputs
 CLASS_OFFSET = 7680.0        # Ultralytics' max_wh: shifts boxes per class for class-aware NMS
@@ -25,9 +33,9 @@ CLASS_OFFSET = 7680.0        # Ultralytics' max_wh: shifts boxes per class for c
 
 @dataclass(frozen=True, slots=True)
 class PostprocessParams:
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
+    conf: float = DEFAULT_CONF
+    iou: float = DEFAULT_IOU
+    max_det: int = DEFAULT_MAX_DET
     classes: frozenset[int] | None = None   # keep only these class ids (None: all)
 
 
@@ -131,3 +139,20 @@ def postprocess(output: np.ndarray, layout: str, letterboxes: list[Letterbox],
                       (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
             for b, s, c in zip(boxes, scores, classes)))
     return results
+
+
+def conf_below_graph(info: ModelInfo, conf: float) -> str | None:
+    """What to tell the user when ``conf`` cannot take effect: a graph with NMS inside never
+    outputs a box scoring below the threshold it was exported with. None when it can."""
+    if info.nms_conf is None or conf >= info.nms_conf:
+        return None
+    return (f"model.conf {conf:g} is below the confidence threshold {info.nms_conf:g} baked into "
+            f"{info.path} (exported with NMS in the graph): no box under {info.nms_conf:g} is ever "
+            f"published; export it again with --conf {conf:g}, or export without --nms")
+
+
+def warn_if_conf_below_graph(info: ModelInfo, conf: float) -> None:
+    """Log :func:`conf_below_graph`'s warning, if any; called once per model load."""
+    message = conf_below_graph(info, conf)
+    if message is not None:
+        log.warning(message)

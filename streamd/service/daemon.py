@@ -26,7 +26,7 @@ from ..outputs.zmq_publisher import Publisher
 from ..pipeline.output import OutputStage
 from ..pipeline.output.messages import stats_message
 from ..pipeline.output.snapshots import SnapshotPolicy
-from ..pipeline.postprocess import PostprocessParams, postprocess_params
+from ..pipeline.postprocess import PostprocessParams, postprocess_params, warn_if_conf_below_graph
 from ..pipeline.queues import QueueSet
 from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
@@ -46,9 +46,11 @@ CAMERA_JOIN_S = 3.0   # a decoder inside a native read returns within its read t
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
     # Only the TensorRT backend can rebuild its model; the others don't take the option.
     extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
-    return open_pool(m.path, m.backend, device=m.device, threads=m.threads,
+    pool = open_pool(m.path, m.backend, device=m.device, threads=m.threads,
                      workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
                      verify_sha256=m.verify_sha256, **extra)
+    warn_if_conf_below_graph(pool.info, m.conf)
+    return pool
 
 
 def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:

@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 
 from streamd.errors import ExportError, StreamdError
+from streamd.manifest import ModelManifest
+from streamd.thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 from .engine_stage import EngineUnavailable, add_precision_arguments, precision_options
 from .stages import ExportInputError, ExportRequest, ExportResult, run_export
@@ -80,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms", action="store_true",
                    help="put NMS in the graph: output (batch, max_det, 6) instead of the raw head")
     p.add_argument("--conf", type=float, default=None,
-                   help="with --nms: score threshold baked into the graph (default 0.25)")
-    p.add_argument("--iou", type=float, default=None, help="with --nms: NMS IoU threshold (default 0.7)")
+                   help=f"with --nms: score threshold baked into the graph (default {DEFAULT_CONF}); a "
+                        f"lower model.conf in the daemon's config has no effect")
+    p.add_argument("--iou", type=float, default=None, help=f"with --nms: NMS IoU threshold (default {DEFAULT_IOU})")
     p.add_argument("--max-det", type=int, default=None,
-                   help="with --nms: detections kept per image (default 300)")
+                   help=f"with --nms: detections kept per image (default {DEFAULT_MAX_DET})")
     p.add_argument("--out-dir", type=Path, default=Path("engines"), help="output folder (default: engines/)")
     p.add_argument("--name", default=None, help="output base name (default: the weights' file stem)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
@@ -115,6 +118,15 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
                          **precision_options(args))
 
 
+def _precision(m: ModelManifest) -> str:
+    if m.precision == "fp16":
+        return "fp16 (the head's decode in fp32)"
+    if m.precision == "int8":
+        flavour = m.build.get("int8", {}).get("flavour")
+        return f"int8 (Q/DQ, {flavour} flavour)" if flavour else "int8 (Q/DQ)"
+    return m.precision
+
+
 def _summary(result: ExportResult) -> str:
     m = result.manifest
     h, w = m.imgsz
@@ -131,7 +143,10 @@ def _summary(result: ExportResult) -> str:
         f"{PROG}: wrote {result.model_path} ({result.size_bytes / 1e6:.1f} MB) "
         f"and {result.manifest_path.name} in {result.seconds:.1f} s",
         f"  classes: {len(m.class_names)} ({names})",
-        f"  input:   {m.input_name} batch {batch} x 3 x {size}, {m.precision}, opset {m.opset}",
+        # The input tensor's own type (verify checked it against the graph): an FP16 or
+        # INT8 model still takes float32 pictures, its precision is how it computes inside.
+        f"  input:   {m.input_name} {m.input_dtype}, batch {batch} x 3 x {size}, opset {m.opset}",
+        f"  compute: {_precision(m)}",
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]
     lines += [f"  note:    {n}" for n in result.notes]

@@ -21,12 +21,10 @@ from typing import Any
 
 from streamd.errors import ExportError
 from streamd.manifest import ModelManifest
+from streamd.thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_IMGSZ = 640
-DEFAULT_CONF = 0.25
-DEFAULT_IOU = 0.7
-DEFAULT_MAX_DET = 300
 
 
 class ExportInputError(ExportError):

@@ -29,7 +29,8 @@ from streamd.pipeline.postprocess import PostprocessParams, postprocess
 from streamd.pipeline.preprocess import Letterbox
 
 from .int8_stage import as_float, check_image_folder, progress, samples_from_folder, to_network_input
-from .stages import DEFAULT_CONF, ExportContext, ExportInputError, register
+from .samples import sample_paths
+from .stages import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, ExportContext, ExportInputError, register
 
 MATCH_IOU = 0.5
 AP_MIN_SCORE = 0.001          # candidate boxes that take part in the AP ranking
@@ -195,7 +196,7 @@ def agreement(refs: list[Dets], cands: list[Dets], names: dict[int, str],
 # running the models
 # ---------------------------------------------------------------------------------------
 def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, str],
-           batch_max: int, static_batch: bool, min_score: float, iou: float = 0.7) -> list[Dets]:
+           batch_max: int, static_batch: bool, min_score: float, iou: float = DEFAULT_IOU) -> list[Dets]:
     """Detections of ``model`` (ONNX Runtime, CPU) on letterboxed uint8 samples, in network
     input pixels."""
     import onnxruntime as ort
@@ -206,7 +207,7 @@ def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, st
     inp = sess.get_inputs()[0]
     h, w = samples.shape[2:]
     identity = Letterbox(gain=1.0, pad_x=0, pad_y=0, width=w, height=h)
-    params = PostprocessParams(conf=min_score, iou=iou, max_det=300)
+    params = PostprocessParams(conf=min_score, iou=iou, max_det=DEFAULT_MAX_DET)
     step = batch_max if static_batch else min(batch_max, 8)
     out: list[Dets] = []
     for start in range(0, len(samples), step):
@@ -224,19 +225,13 @@ def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, st
 
 def default_verify_samples(imgsz: tuple[int, int]) -> tuple[np.ndarray, str]:
     """Ultralytics' bus.jpg and zidane.jpg and their mirror images."""
-    import importlib.util
-
     import cv2
 
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or spec.origin is None:
-        raise ExportError("no verification images: give --verify-images DIR "
-                          "(Ultralytics' sample pictures are not installed)")
-    assets = Path(spec.origin).parent / "assets"
-    images = [cv2.imread(str(assets / n)) for n in ("bus.jpg", "zidane.jpg")]
+    images = [cv2.imread(str(p)) for p in sample_paths()]
     images = [i for i in images if i is not None]
     if not images:
-        raise ExportError(f"no verification images: give --verify-images DIR (none readable in {assets})")
+        raise ExportError("no verification images: give --verify-images DIR "
+                          "(Ultralytics' sample pictures are not installed)")
     frames = images + [cv2.flip(i, 1) for i in images]
     return np.stack([to_network_input(f, imgsz) for f in frames]), "Ultralytics sample images"
 

@@ -235,7 +235,8 @@ class TensorRTBackend(Backend):
                               batch_min=max(manifest.batch_min, 1), batch_max=manifest.batch_max,
                               output_layout=manifest.output_layout, precision=manifest.precision,
                               sha256=manifest.model_sha256, source="manifest",
-                              dynamic_hw=manifest.dynamic_hw, stride=manifest.stride)
+                              dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
+                              nms_conf=manifest.nms_conf())
 
     def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
         cuda = self._cuda
