@@ -259,3 +259,15 @@ def test_track_fields_appear_in_the_detections_body_only_when_tracked() -> None:
     body = protocol.detection_body(out.result.detections[0])
     assert body["track_id"] == 1 and body["first_seen_ts"] == pytest.approx(T0 + 0.2)
     assert body["age_s"] == pytest.approx(0.2)
+
+
+def test_bytetrack_without_the_library_is_a_config_error_naming_the_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "trackers", None)   # as on a box without the 'tracking' extra
+    text = "model: {path: m.onnx}\ncameras:\n  - id: c\n    url: rtsp://h/c\n    tracking:\n      tracker: bytetrack\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source="s.yaml", check_files=False)
+    assert err.value.field == "cameras[0].tracking.tracker" and err.value.line == 6
+    assert "streamd[tracking]" in str(err.value)
+    # a disabled camera, or tracking off, needs no library
+    parse_config(text.replace("tracker: bytetrack", "tracker: 'off'"), check_files=False)

@@ -1,10 +1,11 @@
 """Per-camera multi-object tracking after NMS: a track id and per-object fields on detections.
 
 The tracker is ByteTrack from Roboflow's ``trackers`` (the optional ``tracking`` extra), not a
-hand-written one. Of the maintained ByteTrack packages it is the one whose Kalman filter
-predicts by *elapsed time* (``update(..., timestamp=)``) and expires lost tracks by seconds:
-a numpy-only package we measured lets its prediction lag a walking person by a box width at
-5 frames/s and loses the track. Elapsed time is what this daemon needs, because frames are
+hand-written one. It is not the smallest install: ``edgefirst-tracker`` needs only numpy,
+while ``trackers`` brings supervision, SciPy and PyAV. But that one's filter, measured here,
+lags a person walking at 5 frames/s by a box width and loses the track, and ``trackers``
+predicts by *elapsed time* (``update(..., timestamp=)``) and expires lost tracks by seconds.
+Elapsed time is what this daemon needs, because frames are
 dropped to stay fresh (a camera at 15 frames/s may be inferred at 4, unevenly), so the
 tracker is given each frame's capture time, never a frame count. ``trackers`` counts its
 lost-track buffer in frames at 30 frames/s and, with timestamps, turns it into
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 
 # ``trackers`` states its lost-track buffer in frames of a 30 frames/s video.
 _LIBRARY_FPS = 30.0
+# What one step of the Kalman filter stands for: with timestamps the library predicts
+# ``elapsed x this`` steps. At its default (30 per second) the velocity follows every
+# box's noise within a few frames: the boxes of a person being hidden, cut short by the one
+# in front, then bend the predicted path so far that the person stepping out again gets a
+# new id. On the ground-truth sequences (tools/make_tracking_media.py) 5 to 15 steps per
+# second keep the ids through the crossing at 5 and at 15 frames/s; 20 and 30 do not.
+_KALMAN_STEPS_PER_S = 10.0
 
 
 class TrackingError(StreamdError):
@@ -62,12 +70,16 @@ def bytetrack_factory(cfg: TrackingConfig) -> Any:
     """A ``trackers.ByteTrackTracker`` set up from ``cfg``."""
     try:
         from trackers import ByteTrackTracker
+        # Centre, area and aspect (SORT's state): the aspect has no velocity, so a box cut
+        # short by an occluder moves the predicted centre less than x1, y1, x2, y2 would.
+        from trackers.utils.state_representations import XCYCSRStateEstimator
     except ImportError as exc:
         raise TrackingError(f"tracker 'bytetrack' needs the 'trackers' package "
                             f"(pip install 'streamd[tracking]'): {exc}") from None
     return ByteTrackTracker(
         lost_track_buffer=max(1, math.ceil(cfg.track_buffer_s * _LIBRARY_FPS)),
-        frame_rate=_LIBRARY_FPS,   # the unit of its Kalman steps: elapsed seconds x 30
+        frame_rate=_KALMAN_STEPS_PER_S,
+        state_estimator_class=XCYCSRStateEstimator,
         track_activation_threshold=cfg.new_track_conf,
         high_conf_det_threshold=cfg.high_conf,
         minimum_iou_threshold=cfg.match_iou,
