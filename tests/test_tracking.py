@@ -122,6 +122,20 @@ def test_track_buffer_is_seconds_whatever_the_frame_rate(fps: int) -> None:
     assert len(ended_gap) == 1 and buffer_s < ended_gap[0] <= buffer_s + 1.0 / fps + 1e-6, ended_gap
 
 
+@pytest.mark.parametrize("fps", [5, 15])
+def test_a_person_falling_keeps_the_id(fps: int) -> None:
+    """Standing (60x180) to lying (180x60) in 0.4 s, as the fall model boxes a person going down."""
+    tracker = CameraTracker("c", config().tracking_for("c"))
+    ids = []
+    for k in range(int(6 * fps)):
+        t = k / fps
+        f = min(max((t - 2) / 0.4, 0.0), 1.0)
+        w, h = 60 + 120 * f, 180 - 120 * f
+        out = tracker.update(frame(t, [(300 - w / 2 + 20 * t, 400 - h, 300 + w / 2 + 20 * t, 400)], no=k))
+        ids.append(out.result.detections[0].track_id)
+    assert set(ids[2:]) == {1}, ids
+
+
 def test_weak_detections_stay_untracked_and_ids_are_never_reused() -> None:
     cfg = config()
     tracking = Tracking(cfg)
