@@ -10,6 +10,9 @@ detector has people to find) this writes, for each image ``NAME``:
 * optionally ``NAME.mp4`` (H.264, GOP 15, no B-frames) and ``NAME.h264`` (the same
   stream as Annex-B, the form ``multifilesrc`` can loop).
 
+With ``--tracks`` it also writes the ground-truth tracking sequences of
+``make_tracking_media.py`` (people walking known paths at 5 and 15 fps, boxes in ``gt.txt``).
+
 Runs with the project's virtual environment (numpy, OpenCV) and the ``ffmpeg`` binary.
 Outputs already present with the same parameters are kept, so calling it again is cheap.
 
