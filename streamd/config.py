@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.types import FiniteFloat
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
 # loading itself lives in config_loader, shared with the alert rules.
-from .config_loader import (ModelT, StrictModel, line_for, load_file, load_yaml, parse_model,  # noqa: F401
+from .config_loader import (ModelT, StrictModel, dotted, line_for, load_file, load_yaml, parse_model,  # noqa: F401
                             validate_model, validation_error)
 from .errors import ConfigError
+from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
 from .thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
@@ -123,6 +125,26 @@ class SourceDefaults(StrictModel):
                                  "One each scales best to many cameras on a small box.")
 
 
+class TrackingConfig(StrictModel):
+    """Object tracking and lifecycle events (streamd.pipeline.tracking, .events). Set at the top
+    level as every camera's default; a camera's own ``tracking:`` overrides the keys it names."""
+
+    tracker: Literal["bytetrack", "off"] = Field(
+        "off", description="bytetrack: track ids and object events (needs the 'tracking' extra)")
+    # Confidences: the first matching pass takes detections of at least high_conf (weaker ones
+    # only continue tracks left over); an unmatched one of at least new_track_conf starts a track.
+    high_conf: float = Field(0.5, gt=0, lt=1, description="matched to tracks first from this confidence")
+    new_track_conf: float = Field(0.5, gt=0, lt=1, description="starts a track from this confidence")
+    match_iou: float = Field(0.1, gt=0, lt=1, description="least IoU with a track's predicted box to continue it")
+    confirm_frames: int = Field(2, ge=1, le=100, description="frames in a row before a new track gets an id")
+    track_buffer_s: float = Field(1.0, gt=0, le=600, description="seconds a track that lost its object "
+                                  "waits for it to come back (by capture time, whatever the frame rate)")
+    update_interval_s: float = Field(5.0, ge=0, le=86400, description="at most one 'update' event per "
+                                     "object per this many seconds (0: none)")
+    snapshot_max_bytes: int = Field(200_000, ge=0, le=20_000_000, description="an 'end' event's JPEG of "
+                                    "the object's best frame is scaled down to fit (0: no JPEG)")
+
+
 class CameraConfig(StrictModel):
     id: str
     url: str = Field(description="rtsp://, rtsps://, http(s)://, file path or file://, usb:N or /dev/videoN")
@@ -139,6 +161,21 @@ class CameraConfig(StrictModel):
         "off", description="attach a JPEG of the frame to its detection message")
     snapshot_interval_s: float = Field(0, ge=0, description="at most one snapshot per this many seconds")
     snapshot_quality: int = Field(80, ge=10, le=100)
+    tracking: TrackingConfig | None = Field(None, description="overrides of the top-level tracking: keys")
+    zones: dict[str, list[tuple[FiniteFloat, FiniteFloat]]] = Field(
+        default_factory=dict, description="named polygons in frame pixels, [[x, y], ...]; object events "
+                                          "report the time each object's bottom-centre spent in each")
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, v: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+        for name, poly in v.items():
+            if not CAMERA_ID.match(name):
+                raise ValueError(f"zone name '{name}' must be 1-64 letters, digits, '_', '.', '-'")
+            problem = polygon_problem(poly)
+            if problem:
+                raise ValueError(f"zone '{name}' {problem}")
+        return v
 
     @field_validator("id")
     @classmethod
@@ -327,12 +364,20 @@ class Config(StrictModel):
     metrics: MetricsConfig = MetricsConfig()
     outputs: OutputsConfig = OutputsConfig()
     log: LogConfig = LogConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def camera(self, cam_id: str) -> CameraConfig:
         for cam in self.cameras:
             if cam.id == cam_id:
                 return cam
         raise KeyError(cam_id)
+
+    def tracking_for(self, cam_id: str) -> TrackingConfig:
+        """The camera's tracking settings: the top-level ones, with the keys it names replaced."""
+        own = self.camera(cam_id).tracking
+        if own is None:
+            return self.tracking
+        return self.tracking.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
@@ -380,7 +425,22 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     for cam in cfg.cameras:
         register_url(cam.url)
         register_secret(cam.password)
+    _check_tracker_installed(cfg, source, lines)
     return cfg
+
+
+def _check_tracker_installed(cfg: Config, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """ByteTrack comes with the optional 'tracking' extra: say so at load, not at the first frame."""
+    import importlib.util
+    wanted = [("tracking",)] if cfg.tracking.tracker == "bytetrack" else []
+    wanted += [("cameras", i, "tracking") for i, cam in enumerate(cfg.cameras)
+               if cam.enabled and cfg.tracking_for(cam.id).tracker == "bytetrack"]
+    if not wanted:
+        return
+    if importlib.util.find_spec("trackers") is None:
+        key = wanted[0] + ("tracker",)
+        raise ConfigError("bytetrack needs the tracker library: pip install 'streamd[tracking]'",
+                          source=source, field=dotted(key), line=line_for(key, lines))
 
 
 def _resolve_curve_keys(cfg: Config, source: str, base_dir: Path | None,

@@ -82,6 +82,11 @@ class Detection:
     label: str
     confidence: float
     box: tuple[float, float, float, float]   # x1, y1, x2, y2 in frame pixels
+    # Set by the tracker (streamd.pipeline.tracking) when the camera tracks objects; None for
+    # an untracked camera, or a weak detection that continued no track.
+    track_id: int | None = None
+    first_seen_ts: float | None = None   # wall clock of the frame the track was first seen in
+    age_s: float | None = None           # seconds from first seen to this frame (capture times)
 
 
 @dataclass(frozen=True, slots=True)

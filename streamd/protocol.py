@@ -13,11 +13,15 @@ import json
 from typing import Any
 
 PROTOCOL_VERSION = 1
+# Additions within version 1 (readers ignore fields they don't know): 1 = track ids on
+# detections and the cam/<id>/event message.
+PROTOCOL_MINOR = 1
 
 TYPE_DETECTIONS = "detections"
 TYPE_HEALTH = "health"
 TYPE_HEARTBEAT = "heartbeat"
 TYPE_STATS = "stats"
+TYPE_EVENT = "event"
 
 TOPIC_HEARTBEAT = b"sys/heartbeat"
 TOPIC_STATS = b"sys/stats"
@@ -34,6 +38,10 @@ def detections_topic(camera_id: str) -> bytes:
 
 def health_topic(camera_id: str) -> bytes:
     return camera_prefix(camera_id) + b"health"
+
+
+def event_topic(camera_id: str) -> bytes:
+    return camera_prefix(camera_id) + b"event"
 
 
 def encode(topic: bytes, body: dict[str, Any]) -> list[bytes]:
@@ -66,3 +74,15 @@ def decode(parts: list[bytes]) -> tuple[str, dict[str, Any]]:
             raise ProtocolError("snapshot announced but its message part is missing")
         body["_snapshot"] = parts[idx]
     return topic, body
+
+
+def detection_body(det: Any) -> dict[str, Any]:
+    """One detection (``streamd.entities.Detection``) as it appears in a ``detections`` body;
+    the tracking fields only when the camera tracks objects and the detection has a track."""
+    out: dict[str, Any] = {"class_id": det.class_id, "label": det.label, "confidence": round(det.confidence, 4),
+                           "box": [round(v, 1) for v in det.box]}
+    if det.track_id is not None:
+        out["track_id"] = det.track_id
+        out["first_seen_ts"] = det.first_seen_ts
+        out["age_s"] = det.age_s
+    return out

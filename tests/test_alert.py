@@ -23,7 +23,7 @@ import zmq
 from streamd import protocol
 from streamd.alert.runner import AlertRunner
 from streamd.alert.engine import AlertEngine, Event
-from streamd.alert.geometry import intersection_area, overlap_fraction, point_in_polygon
+from streamd.geometry import intersection_area, overlap_fraction, point_in_polygon
 from streamd.alert.rules import CommandSinkConfig, WebhookSinkConfig, load_rules, parse_rules
 from streamd.alert.sinks import CommandSink, WebhookSink
 from streamd.alert.snapshots import save_alert_snapshot

@@ -10,6 +10,9 @@ detector has people to find) this writes, for each image ``NAME``:
 * optionally ``NAME.mp4`` (H.264, GOP 15, no B-frames) and ``NAME.h264`` (the same
   stream as Annex-B, the form ``multifilesrc`` can loop).
 
+With ``--tracks`` it also writes the ground-truth tracking sequences of
+``make_tracking_media.py`` (people walking known paths at 5 and 15 fps, boxes in ``gt.txt``).
+
 Runs with the project's virtual environment (numpy, OpenCV) and the ``ffmpeg`` binary.
 Outputs already present with the same parameters are kept, so calling it again is cheap.
 
@@ -30,6 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -306,6 +310,20 @@ def make_media(
     return result
 
 
+def load_sibling(stem: str) -> Any:
+    """Another script of tools/ as a module (``tools/`` is not a package)."""
+    name = f"streamd_tools_{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{stem}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load tools/{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")
@@ -326,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=10, help="nominal rate of the clips (default: 10)")
     parser.add_argument("--no-h264", dest="h264", action="store_false",
                         help="only make the JPEG sequences")
+    parser.add_argument("--tracks", action="store_true",
+                        help="also the ground-truth tracking sequences at 5 and 15 fps (make_tracking_media.py)")
     args = parser.parse_args(argv)
     try:
         make_media(args.out_dir, args.images, args.size, args.frames, args.h264, args.fps, log=True)
+        if args.tracks:
+            load_sibling("make_tracking_media").make_sequences(args.out_dir, h264=args.h264, log=True)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from .. import protocol
 from ..client.subscriber import GapTracker
-from .geometry import bottom_center, overlap_fraction, point_in_polygon
+from ..geometry import bottom_center, overlap_fraction, point_in_polygon
 from .rules import AlertConfig, Rule
 
 log = logging.getLogger("streamd.alert")

@@ -18,7 +18,7 @@ from ..config import CAMERA_ID
 from ..config_loader import StrictModel, dotted, line_for, load_file, load_yaml, validate_model
 from ..errors import ConfigError
 from ..redact import register_secret, register_url
-from .geometry import crossing_edges, polygon_area
+from ..geometry import crossing_edges, polygon_area
 
 EventName = Literal["alert", "camera_health", "camera_recovered", "daemon_silent", "daemon_back",
                     "messages_lost", "publisher_restarted"]

@@ -1,5 +1,8 @@
 """Zone geometry in frame pixel coordinates: point-in-polygon and polygon/box overlap.
 
+Shared by `streamd alert` (rules judged on published detections) and the daemon's object
+events (zones an object visited), so it depends on nothing but the standard library.
+
 Zones may be concave (an L-shaped platform edge, a U around a desk), so the overlap test
 does not use a convex-only routine such as ``cv2.intersectConvexConvex``. Instead the zone
 is clipped against the detection box with Sutherland-Hodgman: the *clip* region (the
@@ -152,3 +155,17 @@ def crossing_edges(poly: Sequence[Point]) -> tuple[int, int] | None:
             if _segments_intersect(a, b, c, d):
                 return i, j
     return None
+
+
+def polygon_problem(poly: Sequence[Point]) -> str | None:
+    """Why ``poly`` cannot be used as a zone, or None when it can (for config validators)."""
+    if len(poly) < 3:
+        return f"needs at least 3 points [x, y], got {len(poly)}"
+    if polygon_area(poly) <= 0:
+        return "encloses no area (its points are on one line)"
+    edges = crossing_edges(poly)
+    if edges is None:
+        return None
+    i, j = edges
+    return (f"edges cross each other (points {i}->{(i + 1) % len(poly)} and {j}->{(j + 1) % len(poly)}); "
+            "list the points in order around the area")
