@@ -74,15 +74,3 @@ def decode(parts: list[bytes]) -> tuple[str, dict[str, Any]]:
             raise ProtocolError("snapshot announced but its message part is missing")
         body["_snapshot"] = parts[idx]
     return topic, body
-
-
-def detection_body(det: Any) -> dict[str, Any]:
-    """One detection (``streamd.entities.Detection``) as it appears in a ``detections`` body;
-    the tracking fields only when the camera tracks objects and the detection has a track."""
-    out: dict[str, Any] = {"class_id": det.class_id, "label": det.label, "confidence": round(det.confidence, 4),
-                           "box": [round(v, 1) for v in det.box]}
-    if det.track_id is not None:
-        out["track_id"] = det.track_id
-        out["first_seen_ts"] = det.first_seen_ts
-        out["age_s"] = det.age_s
-    return out

@@ -262,15 +262,15 @@ def test_every_start_gets_exactly_one_end_through_loss_offline_reload_and_shutdo
 
 
 def test_track_fields_appear_in_the_detections_body_only_when_tracked() -> None:
-    from streamd import protocol
+    from streamd.pipeline.output.messages import detection_json
     plain = Detection(0, "person", 0.8, (1.0, 2.0, 3.0, 4.0))
-    assert set(protocol.detection_body(plain)) == {"class_id", "label", "confidence", "box"}
+    assert set(detection_json(plain)) == {"class_id", "label", "confidence", "box"}
     tracker = CameraTracker("c", config().tracking_for("c"))
     out: TrackedFrame | None = None
     for k in range(3):
         out = tracker.update(frame(k / 5, [walk(100, 100, 0, 0)]))
     assert out is not None
-    body = protocol.detection_body(out.result.detections[0])
+    body = detection_json(out.result.detections[0])
     assert body["track_id"] == 1 and body["first_seen_ts"] == pytest.approx(T0 + 0.2)
     assert body["age_s"] == pytest.approx(0.2)
 

@@ -18,9 +18,15 @@ ANONYMOUS_CLIENT = "anonymous"   # a request without a client id is published un
 
 
 def detection_json(d: Detection) -> dict[str, Any]:
-    """One detection as the protocol spells it (the only place this happens)."""
-    return {"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
-            "box": [round(v, 1) for v in d.box]}
+    """One detection as the protocol spells it (the only place this happens); the tracking
+    fields only when the camera tracks objects and the detection has a track."""
+    out: dict[str, Any] = {"class_id": d.class_id, "label": d.label, "confidence": round(d.confidence, 4),
+                           "box": [round(v, 1) for v in d.box]}
+    if d.track_id is not None:
+        out["track_id"] = d.track_id
+        out["first_seen_ts"] = d.first_seen_ts
+        out["age_s"] = d.age_s
+    return out
 
 
 def detections_message(r: FrameResult, max_age_s: float | None = None,
