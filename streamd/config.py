@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic.types import FiniteFloat
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
@@ -24,20 +24,12 @@ from .config_loader import (ModelT, StrictModel, dotted, line_for, load_file, lo
 from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
+from .config_outputs import (HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig,  # noqa: F401
+                             OutputsConfig, PasswordSource, RedisOutputConfig, resolve_output_secrets)
 from .thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
-
-
-def check_topic_prefix(v: str) -> str:
-    # MQTT wildcards or an empty level would make topics nobody can subscribe to exactly.
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", v):
-        raise ValueError("must be words of letters, digits, '_', '.', '-' separated by '/'")
-    return v
-
-
-TopicPrefix = Annotated[str, AfterValidator(check_topic_prefix)]
 
 
 def check_endpoint(v: str) -> str:
@@ -255,99 +247,6 @@ class MetricsConfig(StrictModel):
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
 
 
-class PasswordSource(StrictModel):
-    """A broker password given inline (``${ENV}`` expands) or read from a file (first line)."""
-    username: str | None = None
-    # SecretStr: the value never shows in a repr, a log line or an error.
-    password: SecretStr | None = Field(None, description="inline, or '${ENV_NAME}' to take it from the "
-                                                         "environment; instead of password_file")
-    password_file: Path | None = Field(None, description="a file holding the password (first line), instead "
-                                                         "of password; relative to the config file")
-
-    @model_validator(mode="after")
-    def _one_password(self) -> "PasswordSource":
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        return self
-
-    def read_password(self) -> str | None:
-        """The password, read from ``password_file`` when that is how it was given."""
-        if self.password_file is None:
-            return self.password.get_secret_value() if self.password is not None else None
-        try:
-            lines = self.password_file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read password_file {self.password_file} ({exc.strerror})") from None
-        return lines[0].strip() if lines else ""
-
-
-class MqttTlsConfig(StrictModel):
-    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate "
-                                                   "(default: the system's)")
-    cert_file: Path | None = Field(None, description="client certificate, for brokers that require one")
-    key_file: Path | None = None
-    insecure: bool = Field(False, description="skip the host name check of the broker's certificate")
-
-
-class HomeAssistantConfig(StrictModel):
-    enabled: bool = Field(False, description="publish Home Assistant MQTT discovery: per camera, a binary "
-                                             "sensor 'present' and a sensor 'count' per class")
-    discovery_prefix: TopicPrefix = "homeassistant"
-    classes: list[str] | None = Field(None, description="class names to make entities for (default: "
-                                                        "model.classes if set, else every class of the model)")
-
-
-class MqttOutputConfig(PasswordSource):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = Field(None, description="default: streamd-<origin>")
-    topic_prefix: TopicPrefix = Field("streamd", description="topics are <topic_prefix>/<origin>/<camera>/<kind>")
-    qos: Literal[0, 1, 2] = 0
-    retain: bool = Field(False, description="retain detections and events (health, stats, availability and "
-                                            "Home Assistant states are always retained)")
-    only_non_empty: bool = Field(False, description="publish detections messages only when something was found")
-    snapshots: bool = Field(False, description="publish each attached JPEG on <camera>/snapshot (retained)")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    tls: MqttTlsConfig | None = Field(None, description="connect with TLS (set port to the broker's TLS port)")
-    queue_size: int = Field(1000, ge=1, le=1_000_000, description="messages held while the broker is away; "
-                                                                  "beyond this the oldest are dropped")
-    backoff_initial_s: float = Field(1, gt=0, le=600)
-    backoff_max_s: float = Field(30, gt=0, le=3600)
-    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
-
-
-class RedisOutputConfig(PasswordSource):
-    enabled: bool = True
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis://[[user]:password@]host:port/db, "
-                                                              "rediss:// for TLS, unix:///path.sock")
-    key_prefix: str = Field("streamd", pattern=r"^[A-Za-z0-9_.:-]+$",
-                            description="streams are <key_prefix>:<origin>:<kind>")
-    maxlen: int = Field(100_000, ge=1, description="each stream is trimmed to about this many entries "
-                                                   "(XADD MAXLEN ~)")
-    kinds: list[Literal["detections", "event", "health", "stats"]] = Field(
-        ["detections", "event", "health"], description="what to append")
-    only_non_empty: bool = Field(False, description="append detections only when something was found")
-    snapshots: bool = Field(False, description="store an attached JPEG in the entry's 'snapshot' field")
-    queue_size: int = Field(10000, ge=1, le=1_000_000, description="entries held while Redis is away; "
-                                                                   "beyond this the oldest are dropped")
-    backoff_initial_s: float = Field(1, gt=0, le=600)
-    backoff_max_s: float = Field(30, gt=0, le=3600)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^(redis|rediss|unix)://", v):
-            raise ValueError(f"must start with redis://, rediss:// or unix:// (got {redact_url(v)})")
-        return v
-
-
-class OutputsConfig(StrictModel):
-    """Transports beside the ZeroMQ PUB socket; each is off unless its block is present."""
-    mqtt: MqttOutputConfig | None = None
-    redis: RedisOutputConfig | None = None
-
-
 class LogConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = Field("text", description="text: key=value lines (journald, grep); "
@@ -404,7 +303,8 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
                           line=line_for(("model", "path"), lines))
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
-    cfg = _resolve_output_secrets(cfg, source, base_dir, lines, check_files)
+    cfg = cfg.model_copy(update={"outputs": resolve_output_secrets(cfg.outputs, source, base_dir, lines,
+                                                                    check_files)})
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and check_files and cam.enabled:
             path = cam.url[len("file://"):] if cam.url.startswith("file://") else cam.url
@@ -467,42 +367,6 @@ def _resolve_curve_keys(cfg: Config, source: str, base_dir: Path | None,
                 raise ConfigError(str(exc), source=source, field=f"publisher.curve.{name}",
                                   line=line_for(("publisher", "curve", name), lines)) from None
     return cfg
-
-
-def _resolve_output_secrets(cfg: Config, source: str, base_dir: Path | None,
-                            lines: dict[tuple[Any, ...], int], check_files: bool) -> Config:
-    """File paths follow the config file; every password (inline, in a file, in a URL) is
-    registered so it is scrubbed from logs; with ``check_files`` the files are read now, so
-    ``streamd check`` names a missing one."""
-    def near(p: Path | None) -> Path | None:
-        return base_dir / p if p is not None and not p.is_absolute() and base_dir is not None else p
-
-    update: dict[str, Any] = {}
-    for name in ("mqtt", "redis"):
-        out: MqttOutputConfig | RedisOutputConfig | None = getattr(cfg.outputs, name)
-        if out is None:
-            continue
-        files: dict[str, Path | None] = {"password_file": out.password_file}
-        changes: dict[str, Any] = {"password_file": near(out.password_file)}
-        if isinstance(out, MqttOutputConfig) and out.tls is not None:
-            tls_files = {k: near(getattr(out.tls, k)) for k in ("ca_file", "cert_file", "key_file")}
-            changes["tls"] = out.tls.model_copy(update=tls_files)
-            files.update({f"tls.{k}": v for k, v in tls_files.items()})
-        out = out.model_copy(update=changes)
-        if check_files and out.enabled:
-            for key, path in files.items():
-                path = near(path)
-                if path is not None and not path.is_file():
-                    raise ConfigError(f"file not found: {path}", source=source, field=f"outputs.{name}.{key}",
-                                      line=line_for(("outputs", name, *key.split(".")), lines))
-            register_secret(out.read_password())
-        register_secret(out.password.get_secret_value() if out.password is not None else None)
-        if isinstance(out, RedisOutputConfig):
-            register_url(out.url)
-        update[name] = out
-    if not update:
-        return cfg
-    return cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update=update)})
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None,

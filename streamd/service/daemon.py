@@ -35,7 +35,9 @@ from ..redact import scrub
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
+from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
+from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
 
 log = logging.getLogger("streamd.daemon")
@@ -118,7 +120,7 @@ class Daemon:
                 if self.request_server is not None:
                     registry.register(self.request_server.metrics)
                 if self.outputs:
-                    registry.register(OutputCollector(self.output_counters))
+                    registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
                                                     health=self.health_problem)
         except BaseException:
@@ -215,9 +217,9 @@ class Daemon:
         for cam in self.cfg.cameras:
             if cam.enabled:
                 self._start_camera(cam, self.cfg)
-        log.info("streamd running: model=%s publisher=%s cameras=%d max_batch=%d workers=%s",
-                 self.backend.info.describe(), self.publisher.bound_endpoint, len(self.cameras),
-                 self.pipeline.max_batch, self.backend.layout)
+        log.info("streamd running", extra={"model": self.backend.info.describe(),
+                                           "publisher": self.publisher.bound_endpoint, "cameras": len(self.cameras),
+                                           "max_batch": self.pipeline.max_batch, "workers": str(self.backend.layout)})
 
     def supervise_once(self) -> None:
         """One round of supervision; raises if a stage thread died (systemd restarts us)."""
@@ -354,12 +356,7 @@ class Daemon:
             return False
 
         old = self.cfg
-        if new.publisher != old.publisher:
-            log.warning("publisher settings changed: they apply at the next restart (the socket stays as is)")
-            new = new.model_copy(update={"publisher": old.publisher})
-        if new.outputs != old.outputs:
-            log.warning("outputs settings changed: they apply at the next restart (connections stay as they are)")
-            new = new.model_copy(update={"outputs": old.outputs})
+        new = keep_restart_only_sections(old, new)
         if model_changed or new.scheduler != old.scheduler:
             # The new model is already loaded and warm; swap pipelines, keep the queues.
             pipeline = self._make_pipeline(backend, new, params)
@@ -378,12 +375,8 @@ class Daemon:
         else:
             self.pipeline.params = params   # read once per batch by the post thread
 
-        old_cams = {c.id: c for c in old.cameras if c.enabled}
+        removed, changed, added = camera_changes(old, new)
         new_cams = {c.id: c for c in new.cameras if c.enabled}
-        sources_changed = new.sources != old.sources
-        removed = [cid for cid in old_cams if cid not in new_cams]
-        changed = [cid for cid in new_cams if cid in old_cams and (new_cams[cid] != old_cams[cid] or sources_changed)]
-        added = [cid for cid in new_cams if cid not in old_cams]
         for cid in removed:
             self._stop_camera(cid, "removed from the config")
             self.pipeline_metrics.forget_camera(cid)
@@ -399,40 +392,6 @@ class Daemon:
         return True
 
     # ---- stats (the stats message; metrics read the same numbers) ----------------------------------
-    def output_counters(self) -> dict[str, dict[str, int]]:
-        return {out.name: out.counters() for out in self.outputs}
-
     def stats(self) -> dict[str, Any]:
-        depths = self.queues.depths()
-        cams = {}
-        pipeline = self.pipeline
-        for cid, src in list(self.cameras.items()):
-            s = src.stats
-            cams[cid] = {
-                "state": s.state, "decoded": s.decoded, "inferred": pipeline.inferred_per_camera.get(cid, 0),
-                "published": self.publisher.sent_detections.get(cid, 0),
-                "dropped": {"queue_full": src.queue.dropped_full, "too_old": s.dropped_too_old,
-                            "fps_cap": s.dropped_fps_cap},
-                "skipped": s.skipped,
-                "reconnects": s.reconnects, "decode_errors": s.decode_errors,
-                "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
-            }
-        st = pipeline.stats
-        return {
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "cameras": cams,
-            "scheduler": {"batches": st.batches, "frames": st.frames,
-                          "batch_sizes": {str(k): v for k, v in sorted(st.batch_sizes.items())},
-                          "infer_ms_mean": round(1000 * st.infer_s_total / st.batches, 2) if st.batches else None,
-                          "workers": self.backend.layout.workers,
-                          "threads_per_worker": self.backend.layout.threads,
-                          "worker_batches": {str(k): v for k, v in sorted(st.worker_batches.items())},
-                          "max_frame_age_ms": round(1000 * pipeline.age_bound_s(), 1)},
-            "publisher": {"sent": self.publisher.sent, "dropped": self.publisher.dropped,
-                          "stale": self.publisher.stale},
-            "reloads": dict(self.reloads),
-            **({"outputs": self.output_counters()} if self.outputs else {}),
-            **({"requests": {"queued": len(self.request_server.queue),
-                             **self.request_server.metrics.outcome_counts()}}
-               if self.request_server is not None else {}),
-        }
+        """The stats message's counters (``streamd status``); metrics read the same numbers."""
+        return daemon_stats(self)
