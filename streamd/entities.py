@@ -8,12 +8,12 @@ cameras, the publisher nothing of backends. The scheduler takes two inputs: came
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .pipeline.postprocess import PostprocessParams
+from .thresholds import PostprocessParams
+
 
 
 @dataclass(frozen=True, slots=True)

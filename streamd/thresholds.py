@@ -8,6 +8,17 @@ Ultralytics' own predict defaults, so streamd's detections match its predict.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 DEFAULT_CONF = 0.25       # minimum confidence of a published detection
 DEFAULT_IOU = 0.7         # NMS IoU threshold (class-aware)
 DEFAULT_MAX_DET = 300     # detections kept per picture
+
+
+@dataclass(frozen=True, slots=True)
+class PostprocessParams:
+    """The thresholds one picture is judged by: the daemon's, or a request's own."""
+    conf: float = DEFAULT_CONF
+    iou: float = DEFAULT_IOU
+    max_det: int = DEFAULT_MAX_DET
+    classes: frozenset[int] | None = None   # keep only these class ids (None: all)

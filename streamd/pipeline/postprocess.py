@@ -10,7 +10,6 @@ Two layouts (see ``manifest.LAYOUTS``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +18,9 @@ from ..config import ModelConfig
 from ..entities import Detection
 from ..errors import ConfigError
 from ..manifest import LAYOUT_END2END, LAYOUT_RAW
-from ..thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
+# PostprocessParams lives with the defaults so requests (entities) can carry it without importing
+# the pipeline; it is imported from here by the stages.
+from ..thresholds import PostprocessParams  # noqa: F401
 from .preprocess import Letterbox
 
 if TYPE_CHECKING:
@@ -29,14 +30,6 @@ log = logging.getLogger("streamd.postprocess")
 
 MAX_NMS_CANDIDATES = 30000   # Ultralytics' max_nms: cap the sort on pathological outputs
 CLASS_OFFSET = 7680.0        # Ultralytics' max_wh: shifts boxes per class for class-aware NMS
-
-
-@dataclass(frozen=True, slots=True)
-class PostprocessParams:
-    conf: float = DEFAULT_CONF
-    iou: float = DEFAULT_IOU
-    max_det: int = DEFAULT_MAX_DET
-    classes: frozenset[int] | None = None   # keep only these class ids (None: all)
 
 
 def postprocess_params(model: ModelConfig, names: dict[int, str]) -> PostprocessParams:
