@@ -122,3 +122,16 @@ def test_a_reload_of_zones_or_tracking_alone_does_not_restart_the_camera() -> No
                                                  for c in zones.cameras]})
     assert camera_changes(old, zones) == ([], [], [])
     assert camera_changes(old, config(door="2")) == ([], ["door"], [])
+
+
+def test_sub_prints_track_ids_and_saves_an_ends_best_frame(tmp_path) -> None:
+    from streamd.client.subscriber import format_line, save_snapshot
+    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 200, np.uint8))
+    body = {"v": 1, "type": "event", "event": "end", "seq": 9, "pub": "p", "camera": "door", "track_id": 12,
+            "class_id": 0, "label": "person", "duration_s": 3.25, "best": {"confidence": 0.9}, "zones": {},
+            "reason": "shutdown", "snapshot": {"format": "jpeg", "part": 2, "bytes": len(jpeg)},
+            "publish_ts": time.time(), "_snapshot": jpeg.tobytes()}
+    path = save_snapshot(body, tmp_path)
+    assert path == tmp_path / "door-object12.jpg" and path.read_bytes() == jpeg.tobytes()
+    assert "cam=door EVENT end person#12 for 3.2s best=0.90 zones=- reason=shutdown" in format_line("cam/door/event",
+                                                                                                     body)

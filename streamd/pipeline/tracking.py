@@ -21,6 +21,7 @@ One thread (the output stage's) calls a :class:`Tracking`; it holds no lock.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -211,9 +212,6 @@ class Tracking:
 def check_tracker_available(cfg: Config) -> None:
     """Raise :class:`TrackingError` when a camera of ``cfg`` asks for a tracker this install
     lacks: a reload checks it before it changes anything."""
-    if any(cfg.tracking_for(cam.id).tracker == "bytetrack" for cam in cfg.cameras if cam.enabled):
-        try:
-            import trackers  # noqa: F401
-        except ImportError as exc:
-            raise TrackingError(f"tracker 'bytetrack' needs the 'trackers' package "
-                                f"(pip install 'streamd[tracking]'): {exc}") from None
+    wanted = any(cfg.tracking_for(cam.id).tracker == "bytetrack" for cam in cfg.cameras if cam.enabled)
+    if wanted and importlib.util.find_spec("trackers") is None:
+        raise TrackingError("tracker 'bytetrack' needs the 'trackers' package (pip install 'streamd[tracking]')")

@@ -68,8 +68,9 @@ class TrackedObjects:
         with self._lock:
             ended = self._tracking.configure(cfg)
             events = self._events.reconfigure(cfg, ended)
+            now = time.monotonic()
             for cam_id in restarted:
-                self._tracking.reset(cam_id)
+                self._tracking.reset(cam_id, now)   # its frames still in flight are from before
                 events += self._events.end_camera(cam_id, CAMERA_CHANGED)
         return _messages(events)
 
