@@ -124,7 +124,11 @@ def test_alert_fires_loitering_and_line_crossing_once_per_object(
         wait_until(lambda: len(out.events("daemon_silent")) >= 2, 20, what="streamd alert to notice the stop")
     finally:
         alert.send_signal(signal.SIGTERM)
-        alert.wait(10)
+        try:
+            alert.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(alert.pid, signal.SIGKILL)
+            alert.wait(5)
     alerts = out.events("alert")
     starts = [b for b in coll.of("event") if b["event"] == "start"]
     assert len(starts) >= 3, f"tracked objects: {starts}"
