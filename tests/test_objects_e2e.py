@@ -158,6 +158,7 @@ def test_every_start_has_one_end_across_camera_loss_reload_and_shutdown(
     server = rtsp_server(mounts={"/gt": f"images:{seq.folder / 'frame%03d.jpg'}@5"})
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     cfg = daemon_config(fall_onnx_320, endpoint, [{"id": "gt", "url": server.url("/gt")}])
+    cfg["publisher"]["stats_interval_s"] = 1.0
     coll = collector_factory(endpoint)
     daemon = daemon_factory(cfg)
 
@@ -178,6 +179,9 @@ def test_every_start_has_one_end_across_camera_loss_reload_and_shutdown(
     wait_until(lambda: ended_by("tracking_changed"), 30, what="objects ended by the reload")
     seen = len(starts_and_ends(coll)[0])
     wait_until(lambda: started_after(seen), 60, what="objects tracked with the new settings")
+    # The stats message counts each tracked camera's live objects.
+    coll.wait_for(lambda b: b["type"] == "stats" and b["cameras"].get("gt", {}).get("objects", {}).get("live", 0) > 0,
+                  30, "a stats message counting live objects")
     assert daemon.stop() == 0                                   # SIGTERM
     wait_until(lambda: ended_by("shutdown"), 10, what="objects ended by the shutdown")
 
