@@ -169,3 +169,14 @@ def polygon_problem(poly: Sequence[Point]) -> str | None:
     i, j = edges
     return (f"edges cross each other (points {i}->{(i + 1) % len(poly)} and {j}->{(j + 1) % len(poly)}); "
             "list the points in order around the area")
+
+
+def segments_intersect(a: Point, b: Point, c: Point, d: Point) -> bool:
+    """Whether segment a-b touches or crosses segment c-d (a line crossing's motion vs the line)."""
+    return _segments_intersect(a, b, c, d)
+
+
+def side_of_line(p: Point, a: Point, b: Point) -> int:
+    """Which side of the line a->b the point is on: 1, -1, or 0 when on it."""
+    o = _orientation(a, b, p)
+    return (o > 0) - (o < 0)

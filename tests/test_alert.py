@@ -441,7 +441,9 @@ def test_bad_top_level_and_sinks(tmp_path: Path, text: str, field: str | None, l
 def test_example_rules_file_loads() -> None:
     cfg = load_rules(REPO / "configs" / "alerts.example.yaml", env={"ALERT_WEBHOOK_TOKEN": "t0ken-xyz"})
     names = [r.name for r in cfg.rules]
-    assert names == ["person-in-loading-bay", "fall", "lobby-crowd"]
+    assert names == ["person-in-loading-bay", "fall", "lobby-crowd", "loitering", "person-down", "entered-porch",
+                     "cars-north"]
+    assert [r.trigger for r in cfg.rules[3:]] == ["dwell", "present", "enter", "cross"]
     bay, fall = cfg.rules[0], cfg.rules[1]
     assert bay.min_duration_s == 2 and bay.cooldown_s == 60 and bay.zone and len(bay.zone) == 4
     assert fall.all_cameras and fall.classes == ["Fall"] and fall.min_confidence == 0.5

@@ -260,3 +260,22 @@ def test_tls_connects_only_to_a_broker_whose_certificate_the_configured_ca_signe
     finally:
         good.close(2)
         bad.close(1)
+
+
+def test_an_ended_objects_best_frame_does_not_replace_the_cameras_snapshot(
+        mosquitto_factory, mqtt_recorder) -> None:  # noqa: F811
+    broker = mosquitto_factory()
+    out = MqttOutput(MqttOutputConfig(port=broker.port, snapshots=True), "box", [])
+    out.start()
+    try:
+        rec = mqtt_recorder(broker.port, ["streamd/#"])
+        wait_until(lambda: out.counters()["connected"] == 1, 10, what="the output to connect")
+        out.offer(Outbound("detections", "door", detections(1, ["person"]).body, attachment=b"\xff\xd8frame"))
+        out.offer(Outbound("event", "door", {"type": "event", "event": "end", "camera": "door", "track_id": 3},
+                           attachment=b"\xff\xd8best"))
+        rec.wait_for(lambda m: m.topic == "streamd/box/door/event/snapshot", 10, "the event's JPEG")
+        assert [m.payload for m in rec.on("streamd/box/door/snapshot")] == [b"\xff\xd8frame"]
+        assert [m.payload for m in rec.on("streamd/box/door/event/snapshot")] == [b"\xff\xd8best"]
+        assert rec.on("streamd/box/door/event")[0].json()["track_id"] == 3
+    finally:
+        out.close(2)

@@ -196,9 +196,16 @@ def test_format_line_covers_all_types() -> None:
                                                  "capture_ts": base["publish_ts"] - 0.25, "width": 640,
                                                  "height": 480, "detections": [
                                                      {"class_id": 0, "label": "person", "confidence": 0.875,
-                                                      "box": [1.0, 2.0, 300.6, 400.0]}]}),
+                                                      "box": [1.0, 2.0, 300.6, 400.0]},
+                                                     {"class_id": 0, "label": "person", "confidence": 0.5,
+                                                      "box": [10.0, 20.0, 30.0, 40.0], "track_id": 12,
+                                                      "first_seen_ts": 1.0, "age_s": 2.5}]}),
         protocol.TYPE_HEALTH: ("cam/a/health", {**base, "type": "health", "camera": "a", "state": "lost",
                                                 "previous": "streaming", "reason": "r"}),
+        protocol.TYPE_EVENT: ("cam/a/event", {**base, "type": "event", "event": "end", "camera": "a",
+                                              "track_id": 12, "class_id": 1, "label": "Fall", "duration_s": 26.33,
+                                              "best": {"confidence": 0.91}, "zones": {"porch": 24.1},
+                                              "reason": "lost"}),
         protocol.TYPE_HEARTBEAT: ("sys/heartbeat", {**base, "type": "heartbeat", "host": "h", "pid": 1}),
         protocol.TYPE_STATS: ("sys/stats", {**base, "type": "stats", "uptime_s": 12.5, "cameras": {
             "a": {"state": "streaming", "published": 40}, "b": {"state": "reconnecting", "published": 0}}}),
@@ -209,7 +216,9 @@ def test_format_line_covers_all_types() -> None:
     lines = {t: format_line(topic, body) for t, (topic, body) in bodies.items()}
     for t, line in lines.items():
         assert "{" not in line, f"{t} fell through to the raw JSON form: {line}"
-    assert "cam=a frame=7 640x480 age=250ms n=1 person:0.88@1,2,300,400" in lines["detections"]
+    assert "cam=a frame=7 640x480 age=250ms n=2 person:0.88@1,2,300,400 person#12:0.50@10,20,30,40" \
+        in lines["detections"]
+    assert "cam=a EVENT end Fall#12 for 26.3s best=0.91 zones=porch:24.1s reason=lost" in lines["event"]
     assert "cam=a HEALTH streaming -> lost (r)" in lines["health"]
     assert "heartbeat host=h pid=1" in lines["heartbeat"]
     assert "stats uptime=12.5s a:streaming/40 b:reconnecting/0" in lines["stats"]

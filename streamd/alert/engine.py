@@ -19,6 +19,8 @@ collide, so a camera is known by its daemon's ``origin`` as well:
   ``min_duration_s`` (first to current capture time). It fires again, while the streak goes
   on, each time ``cooldown_s`` has passed since it last fired; a new streak inside the
   cooldown does not fire either.
+
+Rules with another ``trigger`` follow tracked objects one by one (``alert/objects.py``).
 """
 
 from __future__ import annotations
@@ -31,15 +33,11 @@ from typing import Any, Callable
 
 from .. import protocol
 from ..client.subscriber import GapTracker
-from ..geometry import bottom_center, overlap_fraction, point_in_polygon
+from .objects import TIME_EPS, CompiledRule, ObjectRules
 from .rules import AlertConfig, Rule
 
 log = logging.getLogger("streamd.alert")
 
-# capture_ts is published rounded to microseconds: differences within this count as equal.
-TIME_EPS = 1e-6
-# A box exactly min_overlap inside must pass even when the division rounds down.
-FRACTION_EPS = 1e-9
 
 
 @dataclass
@@ -72,31 +70,6 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _CompiledRule:
-    def __init__(self, rule: Rule) -> None:
-        self.rule = rule
-        self.class_ids = {c for c in rule.classes if isinstance(c, int)}
-        self.class_names = {c.strip().lower() for c in rule.classes if isinstance(c, str)}
-        self.zone = [(float(x), float(y)) for x, y in rule.zone] if rule.zone else None
-
-    def applies_to(self, camera: str) -> bool:
-        return self.rule.all_cameras or camera in self.rule.cameras
-
-    def matches(self, det: dict[str, Any]) -> bool:
-        r = self.rule
-        if r.classes and int(det["class_id"]) not in self.class_ids \
-                and str(det.get("label", "")).lower() not in self.class_names:
-            return False
-        if float(det["confidence"]) < r.min_confidence:
-            return False
-        if self.zone is None:
-            return True
-        box = det["box"]
-        if r.zone_test == "bottom_center":
-            return point_in_polygon(bottom_center(box), self.zone)
-        return overlap_fraction(self.zone, box) >= r.min_overlap - FRACTION_EPS
-
-
 @dataclass
 class _Daemon:
     """What one daemon (one ``origin``) last did, for silence and restart notices."""
@@ -124,7 +97,9 @@ class AlertEngine:
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self._clock, self._wall = clock, wall
-        self._rules = [_CompiledRule(r) for r in cfg.rules if r.enabled]
+        compiled = [CompiledRule(r) for r in cfg.rules if r.enabled]
+        self._rules = [cr for cr in compiled if not cr.rule.per_object]
+        self._objects = ObjectRules([cr for cr in compiled if cr.rule.per_object], self._object_alert)
         self._streaks: dict[tuple[str, str, str], _Streak] = {}     # (rule, origin, camera)
         self._gaps = GapTracker(per_camera=False)                   # keyed by pub: fine for merged streams
         self._daemons: dict[str, _Daemon] = {}
@@ -150,6 +125,9 @@ class AlertEngine:
             events += self._sequence(origin, pub, body, now)
             if kind == protocol.TYPE_DETECTIONS:
                 events += self._detections(origin, body)
+                events += self._objects.detections(origin, body)
+            elif kind == protocol.TYPE_EVENT and body.get("event") == "end":
+                self._objects.ended(origin, body)
             elif kind == protocol.TYPE_HEALTH:
                 events += self._health(origin, body)
         except (KeyError, TypeError, ValueError) as exc:
@@ -214,6 +192,7 @@ class AlertEngine:
             for (_, o, _), streak in self._streaks.items():
                 if o == origin:
                     streak.reset()   # frame counters start over; nothing was seen in between
+            self._objects.forget(origin)
         d.pub, d.last_message, d.last_message_wall = pub, now, self._wall()
         before = self._gaps.missing
         self._gaps.check(body)
@@ -257,6 +236,18 @@ class AlertEngine:
                 "pub": body.get("pub"), "seq": body.get("seq"), "snapshot": None,
             }, rule=rule, body=body, matches=matches))
         return events
+
+    def _object_alert(self, rule: Rule, origin: str, body: dict[str, Any], det: dict[str, Any],
+                      fields: dict[str, Any]) -> Event:
+        ts = float(body.get("capture_ts") or body["publish_ts"])
+        self.alerts += 1
+        return Event({
+            "event": "alert", "rule": rule.name, "trigger": rule.trigger, "camera": str(body["camera"]),
+            "origin": origin or None, "time": ts, "time_iso": iso_time(ts), "frame": body.get("frame"),
+            "track_id": det["track_id"], "label": det.get("label"), "count": 1, "detections": [det],
+            "width": body.get("width"), "height": body.get("height"), **fields,
+            "pub": body.get("pub"), "seq": body.get("seq"), "snapshot": None,
+        }, rule=rule, body=body, matches=[det])
 
     def _health(self, origin: str, body: dict[str, Any]) -> list[Event]:
         camera, state = str(body["camera"]), str(body["state"])

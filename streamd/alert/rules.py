@@ -25,6 +25,10 @@ EventName = Literal["alert", "camera_health", "camera_recovered", "daemon_silent
 EVENT_NAMES: tuple[EventName, ...] = get_args(EventName)
 # Header values that are credentials: kept out of every log line.
 _SECRET_HEADER = re.compile(r"(?i)auth|token|key|secret|cookie|pass")
+# What a rule watches: "frames" judges each detections message (no tracking needed); the
+# others follow tracked objects (track_id) one by one, each firing once per object per cooldown.
+Trigger = Literal["frames", "dwell", "present", "enter", "leave", "cross"]
+Direction = Literal["any", "left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top"]
 HealthState = Literal["starting", "connecting", "streaming", "stalled", "lost", "reconnecting", "ended", "stopped"]
 
 
@@ -57,6 +61,12 @@ class Rule(StrictModel):
     min_frames: int = Field(1, ge=1, le=100000, description="... and hold for this many consecutive frames")
     cooldown_s: float = Field(10.0, ge=0, le=86400, description="quiet time per rule and camera after firing")
     min_count: int = Field(1, ge=1, le=10000, description="at least this many matching objects in the frame")
+    trigger: Trigger = Field("frames", description="frames: per message (min_count, min_frames); per tracked "
+                             "object: dwell (in the zone min_duration_s), present (matching min_duration_s, "
+                             "zone optional), enter / leave (the zone), cross (the line)")
+    line: list[tuple[FiniteFloat, FiniteFloat]] | None = Field(
+        None, description="trigger cross: [[x1, y1], [x2, y2]] in frame pixels, crossed by the box's bottom-centre")
+    direction: Direction = Field("any", description="trigger cross: which way counts (as seen in the picture)")
 
     @field_validator("name")
     @classmethod
@@ -113,6 +123,43 @@ class Rule(StrictModel):
             raise ValueError(f"edges cross each other (points {i}->{(i + 1) % n} and {j}->{(j + 1) % n}); "
                              "list the points in order around the area")
         return v
+
+    @field_validator("line")
+    @classmethod
+    def _line(cls, v: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:
+        if v is not None and (len(v) != 2 or v[0] == v[1]):
+            raise ValueError("needs two different points [[x1, y1], [x2, y2]]")
+        return v
+
+    @property
+    def per_object(self) -> bool:
+        return self.trigger != "frames"
+
+    def trigger_problem(self) -> tuple[str, str] | None:
+        """(field, why) when the trigger lacks what it needs or has what it ignores."""
+        t = self.trigger
+        if t in ("dwell", "enter", "leave") and self.zone is None:
+            return "zone", f"trigger {t} needs a zone: [[x, y], ...]"
+        if (t == "cross") != (self.line is not None):
+            return ("line", "trigger cross needs a line: [[x1, y1], [x2, y2]]") if t == "cross" else \
+                ("line", "only used with trigger: cross")
+        if t == "cross" and self.zone is not None:
+            return "zone", "trigger cross follows the line, not a zone"
+        if "direction" in self.model_fields_set and t != "cross":
+            return "direction", "only used with trigger: cross"
+        if self.line is not None and self.direction != "any":
+            (x1, y1), (x2, y2) = self.line
+            if self.direction in ("left_to_right", "right_to_left") and y1 == y2:
+                return "direction", "a horizontal line has no left and right: top_to_bottom or bottom_to_top"
+            if self.direction in ("top_to_bottom", "bottom_to_top") and x1 == x2:
+                return "direction", "a vertical line has no top and bottom: left_to_right or right_to_left"
+        if t in ("enter", "leave", "cross") and "min_duration_s" in self.model_fields_set:
+            return "min_duration_s", f"trigger {t} fires at the moment it happens: use dwell or present"
+        if self.per_object:
+            for key in ("min_count", "min_frames"):
+                if key in self.model_fields_set:
+                    return key, "counts frames: only used with trigger: frames"
+        return None
 
     @property
     def all_cameras(self) -> bool:
@@ -213,6 +260,9 @@ def parse_rules(text: str, source: str = "<rules>", base_dir: Path | None = None
         if rule.name in seen:
             raise fail(i, "name", f"duplicate rule name '{rule.name}' (first used by rules[{seen[rule.name]}])")
         seen[rule.name] = i
+        problem = rule.trigger_problem()
+        if problem is not None:
+            raise fail(i, *problem)
         if rule.zone is None:
             for key in ("zone_test", "min_overlap"):
                 if key in rule.model_fields_set:

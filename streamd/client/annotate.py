@@ -18,14 +18,14 @@ def _colour(class_id: int) -> tuple[int, int, int]:
 
 def draw(image: np.ndarray, detections: Iterable[dict[str, Any]], title: str = "") -> np.ndarray:
     """Return a copy of ``image`` (BGR) with boxes and 'label 0.87' tags; detections are
-    protocol dicts (class_id, label, confidence, box)."""
+    protocol dicts (class_id, label, confidence, box; a tracked one's id as '#12')."""
     out = image.copy()
     thick = max(1, round(min(out.shape[:2]) / 300))
     for d in detections:
         x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
         colour = _colour(int(d["class_id"]))
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, thick)
-        tag = f"{d['label']} {d['confidence']:.2f}"
+        tag = f"{d['label']} {d['confidence']:.2f}" + (f" #{d['track_id']}" if d.get("track_id") is not None else "")
         (tw, th), base = cv2.getTextSize(tag, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
         ty = max(y1, th + base + 2)
         cv2.rectangle(out, (x1, ty - th - base - 2), (x1 + tw + 4, ty), colour, -1)

@@ -113,13 +113,19 @@ def format_line(topic: str, body: dict[str, Any]) -> str:
     seq = body.get("seq", "?")
     if t == protocol.TYPE_DETECTIONS:
         age_ms = 1000 * (body["publish_ts"] - body["capture_ts"])
-        dets = " ".join(f"{d['label']}:{d['confidence']:.2f}@{','.join(str(int(v)) for v in d['box'])}"
+        # A tracked object's id follows its label: person#12:0.87@...
+        dets = " ".join(f"{d['label']}{_track(d)}:{d['confidence']:.2f}@{','.join(str(int(v)) for v in d['box'])}"
                         for d in body["detections"]) or "-"
         return (f"{ts} seq={seq} cam={body['camera']} frame={body['frame']} "
                 f"{body['width']}x{body['height']} age={age_ms:.0f}ms n={len(body['detections'])} {dets}")
     if t == protocol.TYPE_HEALTH:
         return (f"{ts} seq={seq} cam={body['camera']} HEALTH {body['previous']} -> {body['state']}"
                 f" ({body.get('reason') or '-'})")
+    if t == protocol.TYPE_EVENT:
+        zones = ",".join(f"{z}:{s:.1f}s" for z, s in body.get("zones", {}).items()) or "-"
+        why = f" reason={body['reason']}" if body.get("reason") else ""
+        return (f"{ts} seq={seq} cam={body['camera']} EVENT {body['event']} {body['label']}#{body['track_id']}"
+                f" for {body['duration_s']:.1f}s best={body['best']['confidence']:.2f} zones={zones}{why}")
     if t == protocol.TYPE_HEARTBEAT:
         return f"{ts} seq={seq} heartbeat host={body.get('host')} pid={body.get('pid')}"
     if t == protocol.TYPE_STATS:
@@ -129,12 +135,24 @@ def format_line(topic: str, body: dict[str, Any]) -> str:
     return f"{ts} {topic} {json.dumps(body)}"
 
 
+def _track(det: dict[str, Any]) -> str:
+    return f"#{det['track_id']}" if det.get("track_id") is not None else ""
+
+
 def save_snapshot(body: dict[str, Any], folder: Path) -> Path | None:
-    """Write the message's snapshot with its detections drawn: ``<camera>.jpg`` (latest)."""
+    """Write the message's snapshot with its detections drawn: ``<camera>.jpg`` (latest); an
+    object's ``end`` event's best frame as it came: ``<camera>-object<track id>.jpg``."""
     import cv2
     import numpy as np
 
     from .annotate import draw
+    if body.get("type") == protocol.TYPE_EVENT:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{body['camera']}-object{int(body['track_id'])}.jpg"
+        tmp = path.with_suffix(".tmp.jpg")
+        tmp.write_bytes(body["_snapshot"])
+        tmp.replace(path)
+        return path
     img = cv2.imdecode(np.frombuffer(body["_snapshot"], np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         return None

@@ -186,5 +186,7 @@ class MqttOutput(QueuedOutput):
         else:
             self._pending[info.mid] = cfg.qos
         if msg.attachment is not None and cfg.snapshots and msg.kind in CAMERA_KINDS:
-            self._client.publish(f"{self.base}/{msg.key}/snapshot", msg.attachment, qos=cfg.qos, retain=True)
+            # An ended object's best frame is not the camera's latest picture: a topic of its own.
+            where = "event/snapshot" if msg.kind == "event" else "snapshot"
+            self._client.publish(f"{self.base}/{msg.key}/{where}", msg.attachment, qos=cfg.qos, retain=True)
         return True

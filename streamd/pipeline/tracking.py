@@ -21,6 +21,7 @@ One thread (the output stage's) calls a :class:`Tracking`; it holds no lock.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -118,13 +119,15 @@ class CameraTracker:
         dets = tuple(self._with_track(d, lid, result) for d, lid in zip(result.detections, lib_ids))
         return TrackedFrame(dataclasses.replace(result, detections=dets), self._expired())
 
-    def reset(self) -> tuple[int, ...]:
-        """Forget every track (the camera went away); returns the ids that ended."""
+    def reset(self, until_mono: float = -math.inf) -> tuple[int, ...]:
+        """Forget every track (the camera went away); returns the ids that ended. Results
+        captured at or before ``until_mono`` (still in flight when the camera went offline)
+        then go out untracked: their objects have already ended."""
         ended = tuple(self._ids[lid] for lid in self._tracks)
         self._lib = self._factory(self.cfg)
         self._tracks.clear()
         self._ids.clear()
-        self._last_mono = -math.inf
+        self._last_mono = until_mono
         return ended
 
     def live(self) -> tuple[int, ...]:
@@ -197,10 +200,18 @@ class Tracking:
         cam = self._cams.get(result.camera_id)
         return cam.update(result) if cam is not None else TrackedFrame(result)
 
-    def reset(self, camera_id: str) -> tuple[int, ...]:
+    def reset(self, camera_id: str, until_mono: float = -math.inf) -> tuple[int, ...]:
         """The camera went offline: its tracks end (a new object when it is back)."""
         cam = self._cams.get(camera_id)
-        return cam.reset() if cam is not None else ()
+        return cam.reset(until_mono) if cam is not None else ()
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {cid: {"live": len(c.live()), "errors": c.errors} for cid, c in self._cams.items()}
+
+
+def check_tracker_available(cfg: Config) -> None:
+    """Raise :class:`TrackingError` when a camera of ``cfg`` asks for a tracker this install
+    lacks: a reload checks it before it changes anything."""
+    wanted = any(cfg.tracking_for(cam.id).tracker == "bytetrack" for cam in cfg.cameras if cam.enabled)
+    if wanted and importlib.util.find_spec("trackers") is None:
+        raise TrackingError("tracker 'bytetrack' needs the 'trackers' package (pip install 'streamd[tracking]')")

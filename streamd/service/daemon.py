@@ -25,6 +25,7 @@ from ..outputs.fanout import build_outputs
 from ..outputs.zmq_publisher import Publisher
 from ..pipeline.output import OutputStage
 from ..pipeline.output.messages import stats_message
+from ..pipeline.output.objects import TrackedObjects, check_tracker_available
 from ..pipeline.output.snapshots import SnapshotPolicy
 from ..pipeline.postprocess import PostprocessParams, postprocess_params, warn_if_conf_below_graph
 from ..pipeline.queues import QueueSet
@@ -110,7 +111,7 @@ class Daemon:
             self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
             self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
-                                      observe=self.pipeline_metrics.observe_results)
+                                      observe=self.pipeline_metrics.observe_results, objects=TrackedObjects(cfg))
             if self.request_queue is not None:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
@@ -297,6 +298,7 @@ class Daemon:
         """Stop in data-flow order; every thread is joined with a deadline."""
         self.stop_event.set()
         deadline = time.monotonic() + timeout
+        self.output.shutting_down()
         for cam in self.cameras.values():
             cam.stop()
         self.queues.wake_all()
@@ -305,6 +307,7 @@ class Daemon:
         if self.request_server is not None:
             self.request_server.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        self.output.close()   # the objects still alive end, before the transports close
         if self.request_server is not None:
             # The pipeline drained: whatever is still waiting gets its answer now.
             self.request_server.fail_all_pending("the daemon is shutting down")
@@ -342,6 +345,7 @@ class Daemon:
         log.info("reloading %s", self.config_path)
         try:
             new = load_config(self.config_path)
+            check_tracker_available(new)
             model_changed = _model_identity(new.model, new.scheduler) != self._model_id
             backend = _load_backend(new.model, new.scheduler) if model_changed else self.backend
             try:
@@ -377,6 +381,7 @@ class Daemon:
 
         removed, changed, added = camera_changes(old, new)
         new_cams = {c.id: c for c in new.cameras if c.enabled}
+        self.output.reconfigure(new, changed)   # objects of cameras about to stop end first, by reason
         for cid in removed:
             self._stop_camera(cid, "removed from the config")
             self.pipeline_metrics.forget_camera(cid)

@@ -23,11 +23,16 @@ def keep_restart_only_sections(old: Config, new: Config) -> Config:
     return new
 
 
+# Camera keys the output stage applies live: a change of them alone does not restart the camera.
+OUTPUT_STAGE_KEYS = {"tracking": None, "zones": {}}
+
+
 def camera_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
     """(removed, changed, added) camera ids among the enabled ones; a change of the shared
-    ``sources`` settings restarts every camera that stays."""
-    old_cams = {c.id: c for c in old.cameras if c.enabled}
-    new_cams = {c.id: c for c in new.cameras if c.enabled}
+    ``sources`` settings restarts every camera that stays. Tracking and zones are not the
+    decoder's business: a change of only those leaves the camera running."""
+    old_cams = {c.id: c.model_copy(update=OUTPUT_STAGE_KEYS) for c in old.cameras if c.enabled}
+    new_cams = {c.id: c.model_copy(update=OUTPUT_STAGE_KEYS) for c in new.cameras if c.enabled}
     sources_changed = new.sources != old.sources
     removed = [cid for cid in old_cams if cid not in new_cams]
     changed = [cid for cid in new_cams if cid in old_cams and (new_cams[cid] != old_cams[cid] or sources_changed)]

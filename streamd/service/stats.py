@@ -14,6 +14,7 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
     depths = d.queues.depths()
     cams = {}
     pipeline = d.pipeline
+    tracked = d.output.objects.counters() if d.output.objects is not None else {}
     for cid, src in list(d.cameras.items()):
         s = src.stats
         cams[cid] = {
@@ -24,6 +25,7 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
             "skipped": s.skipped,
             "reconnects": s.reconnects, "decode_errors": s.decode_errors,
             "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
+            **({"objects": tracked[cid]} if cid in tracked else {}),
         }
     st = pipeline.stats
     return {
