@@ -18,8 +18,8 @@ from typing import Any
 
 import cv2
 
-from ..backends import backend_for
-from ..backends.pool import BackendPool, open_pool
+from ..backends.choice import open_model_pool
+from ..backends.pool import BackendPool
 from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
 from ..entities import Frame, FrameResult
 from ..errors import ConfigError, StreamdError
@@ -60,11 +60,9 @@ def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
 
 
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
-    # Only the TensorRT backend can rebuild its model; the others don't take the option.
-    extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
-    return open_pool(m.path, m.backend, device=m.device, threads=m.threads,
-                     workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
-                     verify_sha256=m.verify_sha256, **extra)
+    return open_model_pool(m.path, m.backend, device=m.device, threads=m.threads,
+                           workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
+                           verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir)
 
 
 def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
@@ -75,7 +73,7 @@ def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
         file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
         file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id,
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir, file_id,
             s.workers, s.autotune_s)
 
 
