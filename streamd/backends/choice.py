@@ -181,11 +181,13 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
 
     best: tuple[float, Candidate, BackendPool] | None = None
     rates: dict[str, float] = {}
+    errors: list[StreamdError] = []
     for c in usable:
         try:
             pool = open_one(c, autotune_s)
         except StreamdError as exc:
             log.warning("backend auto: %s cannot run this model (%s)", c, exc)
+            errors.append(exc)
             continue
         rate = pool_rate(pool) or 0.0
         rates[str(c)] = round(rate, 2)
@@ -196,7 +198,7 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
         else:
             pool.close()
     if best is None:
-        raise StreamdError(f"{path}: no backend could open it ({', '.join(str(c) for c in usable)})")
+        raise errors[0]      # every candidate failed: the first one's words name the problem
     _, pick, pool = best
     log.info("backend auto: %s chosen by measurement (%s); remembered in %s", pick,
              _rates_text(rates), file)

@@ -84,15 +84,21 @@ def _metadata(model: Any) -> dict[str, str]:
     return {k: model.get_rt_info(["framework", k]).astype(str) for k in fw}
 
 
-def compile_properties(device: str, workers: int, threads: int) -> dict[str, str]:
+def compile_properties(device: str, workers: int, threads: int, precision: str) -> dict[str, str]:
     """OpenVINO properties for a layout: on the CPU, ``workers`` streams of ``threads``
     threads (the layout the pool measured); elsewhere the throughput hint sized for
     ``workers`` requests in flight."""
+    props = {"PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY"}
+    if device == "CPU" and precision == "fp32":
+        # On CPUs with BF16 (AVX512_BF16, AMX) OpenVINO would silently run an FP32 model in
+        # BF16: measured here, raw box coordinates then move by up to 8 px at 320, which is
+        # not the model the export verified. An FP32 model runs in FP32.
+        props["INFERENCE_PRECISION_HINT"] = "f32"
     if device == "CPU" and threads > 0:
-        return {"NUM_STREAMS": str(workers), "INFERENCE_NUM_THREADS": str(workers * threads),
-                "PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY"}
-    return {"PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY",
-            "PERFORMANCE_HINT_NUM_REQUESTS": str(workers)}
+        props.update({"NUM_STREAMS": str(workers), "INFERENCE_NUM_THREADS": str(workers * threads)})
+    else:
+        props["PERFORMANCE_HINT_NUM_REQUESTS"] = str(workers)
+    return props
 
 
 def _usable_cache_dir(cache_dir: Path) -> Path | None:
@@ -138,7 +144,7 @@ class _Compiled:
             self.fixed_batch = 1
         self.info: ModelInfo = info
         self.cache_dir = _usable_cache_dir(cache_dir or default_cache_dir(path))
-        props = compile_properties(self.device, workers, threads)
+        props = compile_properties(self.device, workers, threads, info.precision)
         cache = {"CACHE_DIR": str(self.cache_dir)} if self.cache_dir is not None else {}
         try:
             self.model = ov_core.compile_model(model, self.device, {**props, **cache})
