@@ -243,3 +243,22 @@ def test_daemon_on_openvino_publishes_detections(fall_onnx_320: Path, test_media
     log = d.log()
     assert "with OpenVINO on CPU" in log and "Traceback" not in log
     assert any((tmp_path / "cache" / "openvino").iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# streamd doctor's table
+# ---------------------------------------------------------------------------------------
+def test_doctor_measures_each_backend_and_says_why_others_are_unavailable(fall_onnx_320: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "streamd.cli", "doctor", "--model", str(fall_onnx_320)],
+                         capture_output=True, text=True, timeout=180).stdout
+    table = out[out.index("backends ("):]
+    for backend in ("onnxruntime", "openvino"):
+        m = re.search(rf"^  {backend} +cpu +(\d+\.\d) ", table, re.M)
+        assert m and float(m.group(1)) > 0, table
+    if not _ov_device_present("GPU"):
+        assert re.search(r"^  openvino +gpu +-- +no GPU device here", table, re.M), table
+    assert "<- fastest" in table
