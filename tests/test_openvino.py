@@ -215,6 +215,15 @@ def test_auto_on_a_bad_file_gives_the_loaders_own_error(tmp_path: Path) -> None:
         open_model_pool(bad, "auto", device="cpu", threads=0, workers=None, autotune_s=1.0, cache_dir=tmp_path)
 
 
+def test_auto_with_an_absent_device_says_why_each_backend_cannot(fall_onnx_320: Path, tmp_path: Path) -> None:
+    if _ov_device_present("GPU"):
+        pytest.skip("an OpenVINO GPU is present here: its absence cannot be tested")
+    with pytest.raises(BackendError, match=r"no installed backend runs it on device 'gpu' \(model.device\): "
+                                           r"openvino \(gpu\): no GPU device here"):
+        open_model_pool(fall_onnx_320, "auto", device="gpu", threads=0, workers=None, autotune_s=1.0,
+                        cache_dir=tmp_path)
+
+
 # ---------------------------------------------------------------------------------------
 # the daemon on OpenVINO
 # ---------------------------------------------------------------------------------------

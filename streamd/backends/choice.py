@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import StreamdError
+from ..errors import BackendError, StreamdError
 from ..manifest import sha256_file
 from . import backend_for, check_model_file
 from .onnx_model import read_manifest
@@ -162,9 +162,13 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
     if backend != "auto":
         return open_one(Candidate(backend, device), autotune_s)
     check_model_file(path)
-    usable = [c for c in survey(path, device) if not c.why_not]
-    if len(usable) <= 1 or autotune_s <= 0:
-        pick = usable[0] if usable else Candidate(backend_for(path).name, device)
+    found = survey(path, device)
+    usable = [c for c in found if not c.why_not]
+    if not usable:
+        raise BackendError(f"{path}: no installed backend runs it on device {device!r} (model.device): "
+                           + "; ".join(f"{c}: {c.why_not}" for c in found))
+    if len(usable) == 1 or autotune_s <= 0:
+        pick = usable[0]
         if len(usable) > 1:
             log.info("backend auto: %s (autotune_s is 0: not measured)", pick)
         return open_one(pick, autotune_s)
