@@ -51,6 +51,8 @@ class ModelConfig(StrictModel):
     cache_dir: Path | None = Field(None, description="OpenVINO's compiled models and backend: auto's "
                                    "measurements (default: .streamd-cache beside the model; relative "
                                    "paths are relative to the config file)")
+    openvino_bf16: bool = Field(False, description="OpenVINO on a CPU with BF16: run an FP32 model in BF16 "
+                                "(about 2x faster; boxes and scores move slightly)")
 
     @field_validator("device")
     @classmethod

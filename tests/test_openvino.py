@@ -101,6 +101,14 @@ def test_compiled_model_cache_is_reused_on_a_second_load(fall_onnx_320: Path, tm
     assert sorted(p.name for p in cache.iterdir()) == blobs
 
 
+def test_fp32_model_runs_in_fp32_unless_bf16_is_asked_for(fall_onnx_320: Path, tmp_path: Path) -> None:
+    from streamd.backends.openvino import core
+    has_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for bf16, want in ((False, "f32"), (True, "bf16" if has_bf16 else "f32")):
+        with OpenVinoBackend(fall_onnx_320, device="cpu", warmup=False, cache_dir=tmp_path, bf16=bf16) as b:
+            assert b._compiled.model.get_property("INFERENCE_PRECISION_HINT").get_type_name() == want
+
+
 def test_bad_model_file_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"\x08\x01garbage that is not a protobuf graph")

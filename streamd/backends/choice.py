@@ -99,10 +99,11 @@ def machine_identity() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def choice_key(path: Path) -> str:
+def choice_key(path: Path, bf16: bool = False) -> str:
+    """Model bytes, machine, and the one setting that changes a backend's speed (BF16)."""
     manifest = read_manifest(path, verify_sha256=False)
     sha = manifest.model_sha256 if manifest is not None and manifest.model_sha256 else sha256_file(path)
-    return f"{sha}:{machine_identity()}"
+    return f"{sha}:{machine_identity()}" + (":bf16" if bf16 else "")
 
 
 def _read_choices(file: Path) -> dict[str, Any]:
@@ -136,19 +137,23 @@ def pool_rate(pool: BackendPool) -> float | None:
 
 
 def backend_options(backend: str, *, rebuild: bool, cache_dir: Path | None,
-                    verify_sha256: bool) -> dict[str, Any]:
-    """The options ``backend`` takes: only TensorRT rebuilds, only OpenVINO caches."""
+                    verify_sha256: bool, bf16: bool = False) -> dict[str, Any]:
+    """The options ``backend`` takes: only TensorRT rebuilds, only OpenVINO caches and
+    runs FP32 models in BF16."""
     opts: dict[str, Any] = {"verify_sha256": verify_sha256}
     if backend == "tensorrt" and rebuild:
         opts["rebuild"] = True
-    if backend == "openvino" and cache_dir is not None:
-        opts["cache_dir"] = cache_dir / "openvino"
+    if backend == "openvino":
+        if cache_dir is not None:
+            opts["cache_dir"] = cache_dir / "openvino"
+        if bf16:
+            opts["bf16"] = True
     return opts
 
 
 def open_model_pool(path: Path, backend: str, *, device: str, threads: int, workers: int | None,
                     autotune_s: float, verify_sha256: bool = True, rebuild: bool = False,
-                    cache_dir: Path | None = None) -> BackendPool:
+                    cache_dir: Path | None = None, bf16: bool = False) -> BackendPool:
     """The daemon's model: the named backend, or with ``auto`` the fastest candidate here."""
     path = Path(path)
     cache = cache_dir or default_cache_dir(path)
@@ -157,7 +162,7 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
         return open_pool(path, c.backend, device=c.device if backend == "auto" else device,
                          threads=threads, workers=workers, autotune_s=seconds,
                          **backend_options(c.backend, rebuild=rebuild, cache_dir=cache,
-                                           verify_sha256=verify_sha256))
+                                           verify_sha256=verify_sha256, bf16=bf16))
 
     if backend != "auto":
         return open_one(Candidate(backend, device), autotune_s)
@@ -174,7 +179,7 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
         return open_one(pick, autotune_s)
 
     file = cache / CHOICE_FILE
-    key = choice_key(path)
+    key = choice_key(path, bf16)
     known = _read_choices(file).get(key)
     if isinstance(known, dict):
         pick = Candidate(str(known.get("backend")), str(known.get("device")))

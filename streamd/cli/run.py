@@ -16,7 +16,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         m = cfg.model
         # One worker, nothing measured: loading is the check (auto takes its first candidate).
         pool = open_model_pool(m.path, m.backend, device=m.device, threads=m.threads, workers=1,
-                               autotune_s=0, verify_sha256=m.verify_sha256, cache_dir=m.cache_dir)
+                               autotune_s=0, verify_sha256=m.verify_sha256, cache_dir=m.cache_dir,
+                               bf16=m.openvino_bf16)
         try:
             print(f"model: {pool.info.describe()} on {pool.name}")
         finally:

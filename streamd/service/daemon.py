@@ -62,7 +62,8 @@ def postprocess_params(cfg: Config, names: dict[int, str]) -> PostprocessParams:
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
     return open_model_pool(m.path, m.backend, device=m.device, threads=m.threads,
                            workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
-                           verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir)
+                           verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir,
+                           bf16=m.openvino_bf16)
 
 
 def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
@@ -73,7 +74,8 @@ def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
         file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
         file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir, file_id,
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir,
+            m.openvino_bf16, file_id,
             s.workers, s.autotune_s)
 
 
