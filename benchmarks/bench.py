@@ -489,12 +489,12 @@ def _window_stats(stats: list[tuple[float, dict[str, Any]]], t_begin: float,
 
 
 def bench_streamd(model: Path, urls: list[str], warmup: float, seconds: float, workdir: Path,
-                  tag: str, backend: str | None = None) -> DaemonResult:
+                  tag: str, model_options: dict[str, Any] | None = None) -> DaemonResult:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     cfg = workdir / f"streamd-{tag}.yaml"
     # Only what a user must name: every scheduler, source and publisher setting is a default.
     cfg.write_text(yaml.safe_dump({
-        "model": {"path": str(model), **({"backend": backend} if backend else {})},
+        "model": {"path": str(model), **(model_options or {})},
         "publisher": {"endpoint": endpoint},
         "metrics": {"port": 0},
         "cameras": [{"id": f"cam{i}", "url": url} for i, url in enumerate(urls)],

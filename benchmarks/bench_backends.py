@@ -6,7 +6,8 @@ INT8 model), in one run on the same box:
 1. each runtime's own fastest loop on random input at imgsz x imgsz, the reference a backend
    is held to: ONNX Runtime's N sessions x T threads (bench.py's raw layouts); OpenVINO's
    benchmark_app-style loop (THROUGHPUT hint, an AsyncInferQueue of its optimal number of
-   requests, static 1 x 3 x S x S, FP32 inference precision as streamd runs FP32 models);
+   requests, static 1 x 3 x S x S, FP32 inference precision as streamd runs FP32 models, and
+   BF16 as ``model.openvino_bf16`` runs them);
 2. streamd's backend alone: its pool opened and measured the way the daemon does at start
    (``open_pool`` with autotune), the best layout's img/s at batch 1;
 3. the daemon on that backend (``model.backend`` named, everything else default) on the
@@ -27,16 +28,19 @@ import bench as B   # bench.py, registered under this name by its main()
 from streamd.backends.choice import backend_options
 from streamd.backends.pool import open_pool
 
-BACKENDS = ("onnxruntime", "openvino")
+# (label, model.backend, model.openvino_bf16)
+BACKENDS = (("onnxruntime", "onnxruntime", False), ("openvino", "openvino", False),
+            ("openvino bf16", "openvino", True))
 
 
-def openvino_reference(model: Path, imgsz: int, seconds: float) -> float:
+def openvino_reference(model: Path, imgsz: int, seconds: float, bf16: bool) -> float:
     """benchmark_app's loop: THROUGHPUT hint, its optimal number of requests kept busy."""
     import openvino as ov
     core = ov.Core()
     m = core.read_model(str(model))
     m.reshape([1, 3, imgsz, imgsz])
-    cm = core.compile_model(m, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
+    cm = core.compile_model(m, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
+                                       "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
     n = int(cm.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
     queue = ov.AsyncInferQueue(cm, n)
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
@@ -59,9 +63,10 @@ def openvino_reference(model: Path, imgsz: int, seconds: float) -> float:
     return done[0] / (time.monotonic() - t0)
 
 
-def backend_alone(model: Path, backend: str, seconds: float) -> tuple[float, str]:
+def backend_alone(model: Path, backend: str, bf16: bool, seconds: float) -> tuple[float, str]:
     """streamd's pool of ``backend``, measured as the daemon measures it at start."""
-    opts = backend_options(backend, rebuild=False, cache_dir=model.parent / ".streamd-cache", verify_sha256=True)
+    opts = backend_options(backend, rebuild=False, cache_dir=model.parent / ".streamd-cache", verify_sha256=True,
+                           bf16=bf16)
     pool = open_pool(model, backend, device="cpu", threads=0, workers=None, autotune_s=seconds, **opts)
     try:
         return max(pool.measured.values()), str(pool.layout)
@@ -102,7 +107,7 @@ def run_backends(args: argparse.Namespace, workdir: Path) -> int:
     if args.onnx is None and not args.model_pt:
         pt = B.sample_weights()
     n_cores = B.cores()
-    print(f"{n_cores} x {B.cpu_model()}; backends {', '.join(BACKENDS)}; sizes {args.sizes}; cameras "
+    print(f"{n_cores} x {B.cpu_model()}; backends {', '.join(b[0] for b in BACKENDS)}; sizes {args.sizes}; cameras "
           f"{args.cameras} x {args.fps:g} fps; {args.seconds:g} s per daemon run after {args.warmup:g} s",
           flush=True)
     rows: list[BackendRow] = []
@@ -112,26 +117,27 @@ def run_backends(args: argparse.Namespace, workdir: Path) -> int:
             fp32 = args.onnx.resolve() if args.onnx else B.streamd_model(pt, size, square=False)
             models = [fp32] + ([args.int8.resolve()] if args.int8 else [])
             for model in models:
-                for backend in BACKENDS:
+                for label, backend, bf16 in BACKENDS:
                     # The runtime's own loop right before streamd's backend alone: on a shared
                     # box the pair then sees the same load.
                     own = B.bench_raw(model, size, args.raw_seconds).fastest if backend == "onnxruntime" \
-                        else openvino_reference(model, size, args.raw_seconds)
-                    print(f"  {backend}'s own loop: {own:.2f} img/s", flush=True)
-                    alone, layout = backend_alone(model, backend, 2 * args.raw_seconds)
-                    print(f"  streamd {backend} alone: {alone:.2f} img/s ({layout})", flush=True)
+                        else openvino_reference(model, size, args.raw_seconds, bf16)
+                    print(f"  {label}'s own loop: {own:.2f} img/s", flush=True)
+                    alone, layout = backend_alone(model, backend, bf16, 2 * args.raw_seconds)
+                    print(f"  streamd {label} alone: {alone:.2f} img/s ({layout})", flush=True)
                     for n in args.cameras:
                         time.sleep(B.SETTLE_S)
-                        print(f"streamd on {backend} ({model.name}), imgsz {size}, {n} cameras ...", flush=True)
+                        print(f"streamd on {label} ({model.name}), imgsz {size}, {n} cameras ...", flush=True)
+                        options = {"backend": backend, **({"openvino_bf16": True} if bf16 else {})}
                         try:
                             d: B.DaemonResult | str = B.bench_streamd(
                                 model, cams.urls(n), args.warmup, args.seconds, workdir,
-                                f"{backend}-{size}-{n}-{model.stem}", backend=backend)
-                            print(B._detail(f"streamd on {backend}", d, n * args.fps), flush=True)
+                                f"{label.replace(' ', '-')}-{size}-{n}-{model.stem}", model_options=options)
+                            print(B._detail(f"streamd on {label}", d, n * args.fps), flush=True)
                         except RuntimeError as exc:
                             d = "failed"
-                            print(f"  streamd on {backend} failed: {exc}", flush=True)
-                        rows.append(BackendRow(size, model.name, backend, n, own, alone, layout, d))
+                            print(f"  streamd on {label} failed: {exc}", flush=True)
+                        rows.append(BackendRow(size, model.name, label, n, own, alone, layout, d))
     finally:
         cams.close()
     out = table(rows)
@@ -142,7 +148,8 @@ def run_backends(args: argparse.Namespace, workdir: Path) -> int:
                  f"Made by `benchmarks/bench.py --backends --record`: {args.seconds:g} s per daemon run after "
                  f"a {args.warmup:g} s warm-up, live RTSP cameras 640x480 H.264 at {args.fps:g} frames/s each, "
                  f"weights `{pt.name}`. Own loop: ONNX Runtime's fastest sessions x threads layout, "
-                 f"OpenVINO's benchmark_app-style AsyncInferQueue (THROUGHPUT hint, FP32 precision); "
+                 f"OpenVINO's benchmark_app-style AsyncInferQueue (THROUGHPUT hint, FP32 or BF16 inference "
+                 f"precision as the row says); "
                  f"alone: streamd's pool of that backend, best layout, batch 1; daemon: `streamd run` with "
                  f"`model.backend` named, scheduler defaults.\n\n{out}\n")
     return 0

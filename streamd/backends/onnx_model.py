@@ -32,6 +32,12 @@ class GraphIO:
     metadata: Mapping[str, str]            # the ONNX metadata_props
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A runtime's error in one line: their messages run to many lines of stack and graph."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def read_manifest(path: Path, verify_sha256: bool) -> ModelManifest | None:
     """The sidecar manifest of ``path`` when there is one, its sha256 checked against the file."""
     if not sidecar_path(path).exists():

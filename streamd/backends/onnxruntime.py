@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import BackendError, ModelError
 from ..manifest import ModelManifest
 from .base import Backend, ModelInfo
-from .onnx_model import GraphIO, model_info, pad_to_fixed_batch, read_manifest
+from .onnx_model import GraphIO, first_line, model_info, pad_to_fixed_batch, read_manifest
 
 log = logging.getLogger("streamd.backend.onnxruntime")
 
@@ -58,8 +58,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for corrupt files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path}: not a loadable ONNX model ({first[:300]})") from None
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({first_line(exc)})") from None
 
         self.info = self._model_info(manifest)
         inp = self._session.get_inputs()[0]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BackendError, ModelError
 from .base import Backend, ModelInfo
-from .onnx_model import GraphIO, model_info, pad_to_fixed_batch, read_manifest
+from .onnx_model import GraphIO, first_line, model_info, pad_to_fixed_batch, read_manifest
 
 log = logging.getLogger("streamd.backend.openvino")
 
@@ -126,8 +126,7 @@ class _Compiled:
         try:
             model = ov_core.read_model(str(path))
         except Exception as exc:   # OpenVINO raises RuntimeError with its parser's words
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
+            raise ModelError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
         inp, out = model.inputs[0], model.outputs[0]
         dtypes = {ov.Type.f32: np.float32, ov.Type.f16: np.float16}
         dtype = dtypes.get(inp.get_element_type())
@@ -154,9 +153,8 @@ class _Compiled:
         try:
             self.model = ov_core.compile_model(model, self.device, {**props, **cache})
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"{path}: OpenVINO could not compile it for {self.device} "
-                               f"({first[:300]})") from None
+                               f"({first_line(exc)})") from None
         self.loaded_from_cache = bool(self._property("LOADED_FROM_CACHE", False))
         self.execution_devices = list(self._property("EXECUTION_DEVICES", [self.device]))
         log.info("loaded %s with OpenVINO on %s (%s%s)", info.describe(),
