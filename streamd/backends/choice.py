@@ -2,8 +2,9 @@
 
 A ``.onnx`` model runs on ONNX Runtime (CPU, or CUDA where its build has the provider) and
 on OpenVINO (CPU, Intel iGPU, NPU) when the ``openvino`` extra is installed. Which is fastest
-depends on the model, the CPU and its instruction set (OpenVINO doubles ONNX Runtime's FP32
-speed on the development box's AVX-512 EPYC; ONNX Runtime wins on the uint8 INT8 flavour),
+depends on the model, the CPU and its instruction set (on the development box's EPYC the two
+are close in FP32, OpenVINO in BF16 is about twice as fast, ONNX Runtime wins on the uint8
+INT8 flavour and OpenVINO on the symmetric one),
 so at start each candidate is opened with its own best layout, measured, and the fastest
 is kept. The result is remembered per (model sha256, machine identity) in
 ``<cache_dir>/backend-choice.json``, so later starts skip the comparison; naming a backend
