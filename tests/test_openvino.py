@@ -28,7 +28,7 @@ from streamd.config import parse_config  # noqa: E402
 from streamd.errors import BackendError, ConfigError, ManifestError, ModelError  # noqa: E402
 from streamd.pipeline.postprocess import PostprocessParams, postprocess  # noqa: E402
 from streamd.pipeline.preprocess import BatchBuffer, net_shape_for  # noqa: E402
-from tests.fixtures_daemon import free_tcp_port  # noqa: E402
+from tests.fixtures_daemon import wait_until  # noqa: E402
 from tests.test_parity import (  # noqa: E402,F401  (fall_case, yolov8n_case, images: fixtures)
     LAYOUTS, MODELS, Dets, assert_match, dets_from_streamd, fall_case, get_case, images, run_streamd,
     yolov8n_case)
@@ -238,24 +238,17 @@ def test_auto_with_an_absent_device_says_why_each_backend_cannot(fall_onnx_320: 
 @pytest.mark.slow
 def test_daemon_on_openvino_publishes_detections(fall_onnx_320: Path, test_media, daemon_factory,
                                                  collector_factory, tmp_path: Path) -> None:
+    from tests.test_daemon import base_config, started
+
     cams = [{"id": "bus", "url": str(test_media["bus"].mp4), "loop": True, "fps": 4},
             {"id": "pitch", "url": str(test_media["zidane"].mp4), "loop": True, "fps": 4}]
-    cfg = {
-        "model": {"path": str(fall_onnx_320), "backend": "openvino", "device": "cpu",
-                  "cache_dir": str(tmp_path / "cache")},
-        "scheduler": {"max_batch": 4, "max_frame_age_ms": 1500, "autotune_s": 1},
-        "publisher": {"endpoint": f"tcp://127.0.0.1:{free_tcp_port()}", "heartbeat_s": 0.5,
-                      "stats_interval_s": 1.0},
-        "metrics": {"port": 0},
-        "cameras": cams,
-    }
-    d = daemon_factory(cfg)
-    c = collector_factory(cfg["publisher"]["endpoint"])
-    for cam in ("bus", "pitch"):
-        c.wait_for(lambda m, cam=cam: m["type"] == "detections" and m["camera"] == cam and m["detections"],
-                   90, f"detections with boxes from camera {cam}\n{d.log()[-2000:]}")
-    msg = next(m for m in c.of("detections", "bus") if m["detections"])
-    assert all(det["label"] in ("Normal", "Fall") for det in msg["detections"])
+    cfg = base_config(fall_onnx_320, cams, autotune_s=1)
+    cfg["model"].update(backend="openvino", device="cpu", cache_dir=str(tmp_path / "cache"))
+    d, c = started(daemon_factory, collector_factory, cfg)
+    wait_until(lambda: {m["camera"] for m in c.of("detections") if m["detections"]} == {"bus", "pitch"},
+               90, what=f"detections with boxes from both cameras\n{d.log()[-2000:]}")
+    labels = {det["label"] for m in c.of("detections") for det in m["detections"]}
+    assert labels and labels <= {"Normal", "Fall"}
     assert d.stop(timeout=15) == 0
     log = d.log()
     assert "with OpenVINO on CPU" in log and "Traceback" not in log
