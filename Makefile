@@ -2,7 +2,8 @@
 #   make demo   - fetch a real model, export it, run the daemon on 3 local RTSP cameras
 #   make test   - the whole test suite
 #   make bench  - throughput and freshness: raw ONNX Runtime vs streamd vs Ultralytics
-#                 (BENCH_ARGS="--sizes 320 --cameras 4" to narrow it, "--record" to keep it)
+#                 (BENCH_ARGS="--sizes 320 --cameras 4" to narrow it, "--record" to keep it,
+#                 "--backends" for ONNX Runtime vs OpenVINO side by side)
 
 PYTHON ?= python3
 VENV   ?= .venv

@@ -24,6 +24,9 @@ and for every camera count, the cameras being live RTSP cameras (640x480, H.264,
    Ultralytics' own dynamic ONNX export of the same weights and the same cameras, in a
    process of its own with a hard deadline; "n/a" where ultralytics is not installed.
 
+``--backends`` instead compares ONNX Runtime and OpenVINO on the same model and cameras,
+each alone and under the daemon (``bench_backends.py``).
+
 ``--soak SECONDS`` instead runs streamd (default export, first size and camera count) that
 long and reports whether latency or memory grow.
 """
@@ -486,12 +489,12 @@ def _window_stats(stats: list[tuple[float, dict[str, Any]]], t_begin: float,
 
 
 def bench_streamd(model: Path, urls: list[str], warmup: float, seconds: float, workdir: Path,
-                  tag: str) -> DaemonResult:
+                  tag: str, model_options: dict[str, Any] | None = None) -> DaemonResult:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     cfg = workdir / f"streamd-{tag}.yaml"
     # Only what a user must name: every scheduler, source and publisher setting is a default.
     cfg.write_text(yaml.safe_dump({
-        "model": {"path": str(model)},
+        "model": {"path": str(model), **(model_options or {})},
         "publisher": {"endpoint": endpoint},
         "metrics": {"port": 0},
         "cameras": [{"id": f"cam{i}", "url": url} for i, url in enumerate(urls)],
@@ -844,6 +847,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: run streamd (default export, first size and camera count) this long "
                          "and report latency and memory growth")
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    ap.add_argument("--backends", action="store_true",
+                    help="instead: ONNX Runtime and OpenVINO side by side, each alone and under the daemon "
+                         "(bench_backends.py)")
+    ap.add_argument("--onnx", type=Path, metavar="ONNX",
+                    help="with --backends: this FP32 model (one size) instead of exporting one per --sizes")
+    ap.add_argument("--int8", type=Path, metavar="ONNX", help="with --backends: also this INT8 model")
     args = ap.parse_args(argv)
     if min(args.sizes) < 32 or any(s % 32 for s in args.sizes):
         ap.error("--sizes must be multiples of 32")
@@ -859,6 +868,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="streamd-bench-") as tmp:
             try:
+                if args.backends:
+                    # bench_backends uses this module's helpers and process list, as `bench`.
+                    sys.modules.setdefault("bench", sys.modules[__name__])
+                    from bench_backends import run_backends
+                    return run_backends(args, Path(tmp))
                 return run(args, Path(tmp))
             finally:
                 stop_all()

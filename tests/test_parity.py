@@ -167,10 +167,11 @@ def assert_match(ref: list[Dets], got: list[Dets], confs: list[float], iou_min: 
 
 
 def run_streamd(model: Path, images: list[np.ndarray], confs: list[float],
-                iou: float = IOU, max_det: int = MAX_DET, batch: int | None = None) -> list[Dets]:
+                iou: float = IOU, max_det: int = MAX_DET, batch: int | None = None,
+                backend_name: str = "onnxruntime", **options: Any) -> list[Dets]:
     """streamd's own path; ``batch`` images per inference (default: the model's maximum)."""
     out: list[Dets] = []
-    with open_backend(model, device="cpu", warmup=False) as backend:
+    with open_backend(model, backend_name, device="cpu", warmup=False, **options) as backend:
         info = backend.info
         h, w = info.input_hw
         step = batch or info.batch_max

@@ -12,6 +12,9 @@ from .base import Backend, ModelInfo
 _REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnxruntime": ("streamd.backends.onnxruntime:OnnxRuntimeBackend", (".onnx",)),
     "tensorrt": ("streamd.backends.tensorrt:TensorRTBackend", (".engine", ".plan")),
+    # Optional (the `openvino` extra); reads the same .onnx files, so it is chosen by name or
+    # by `backend: auto`'s measurement (choice.py), never by suffix alone.
+    "openvino": ("streamd.backends.openvino:OpenVinoBackend", ()),
 }
 
 
@@ -37,11 +40,15 @@ def backend_for(path: Path, name: str | None = None) -> type[Backend]:
     return getattr(module, cls_name)
 
 
+def check_model_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+
+
 def open_backend(path: str | Path, name: str | None = None, **options: Any) -> Backend:
     """Load ``path`` with the backend its suffix (or ``name``) selects."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
+    check_model_file(path)
     return backend_for(path, name)(path, **options)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -73,6 +73,19 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Free everything the backend holds; safe to call twice."""
 
+    @classmethod
+    def open_workers(cls, path: Path, workers: int, **options: Any) -> list["Backend"]:
+        """``workers`` backends of one model, one per pool worker, never shared between
+        threads. By default each loads its own copy; a runtime whose one loaded model
+        serves several requests in flight at once overrides this."""
+        return open_each(workers, lambda: cls(path, **options))  # type: ignore[call-arg]
+
+    @classmethod
+    def runs_on_cpu(cls, device: str) -> bool:
+        """Whether ``device`` means this backend's work runs on the CPU cores (the pool then
+        splits the cores into threads per worker)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """Facts for logs and the stats message (provider, device...)."""
         return {"backend": self.name}
@@ -106,3 +119,16 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_each(n: int, make: Callable[[], Backend]) -> list[Backend]:
+    """``n`` backends from ``make``; if one fails, the ones already open are closed."""
+    out: list[Backend] = []
+    try:
+        for _ in range(n):
+            out.append(make())
+    except BaseException:
+        for b in out:
+            b.close()
+        raise
+    return out

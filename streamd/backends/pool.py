@@ -12,6 +12,7 @@ override it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import Backend, ModelInfo
+from .base import Backend, ModelInfo, open_each
 
 log = logging.getLogger("streamd.backend.pool")
 
@@ -137,17 +138,24 @@ class BackendPool:
 
 
 Opener = Callable[[int], Backend]   # threads -> a loaded backend (no warm-up)
+LayoutOpener = Callable[[Layout], list[Backend]]   # a layout -> its workers (no warm-up)
 
 
-def build_pool(open_one: Opener, *, workers: int | None, threads: int, on_cpu: bool,
-               autotune_s: float, cores: int | None = None) -> BackendPool:
+def build_pool(open_one: Opener | None, *, workers: int | None, threads: int, on_cpu: bool,
+               autotune_s: float, cores: int | None = None,
+               open_layout: LayoutOpener | None = None) -> BackendPool:
     """Open the pool. ``workers`` None means choose: measure the candidate layouts for
     ``autotune_s`` seconds in all (0: take ``default_layout`` without measuring).
-    ``threads`` > 0 fixes the threads per worker."""
+    ``threads`` > 0 fixes the threads per worker. ``open_layout``, when given, opens a
+    layout's workers at once (OpenVINO: one compiled model, one infer request per worker);
+    otherwise ``open_one`` opens each worker's own backend."""
     cores = cores or usable_cores()
+    if open_layout is None:
+        assert open_one is not None, "build_pool needs open_one or open_layout"
+        open_layout = functools.partial(_open_n, open_one)
     if workers is not None:
         layout = Layout(workers, threads or (max(1, cores // workers) if on_cpu else 0))
-        backends = _open_n(open_one, layout)
+        backends = open_layout(layout)
         spi = None
         if autotune_s > 0:
             rate = measure(backends, min(autotune_s, 1.0))
@@ -159,18 +167,18 @@ def build_pool(open_one: Opener, *, workers: int | None, threads: int, on_cpu: b
         # Threads fixed by the config: as many workers as the cores hold; nothing to choose.
         layout = Layout(max(1, min(MAX_AUTO_WORKERS, cores // threads)) if on_cpu else 2, threads)
         log.info("backend pool: %s (from model.threads)", layout)
-        return BackendPool(_open_n(open_one, layout), layout)
+        return BackendPool(open_layout(layout), layout)
     candidates = candidate_layouts(cores, on_cpu)
     if autotune_s <= 0 or len(candidates) == 1:
         layout = default_layout(cores, on_cpu)
         log.info("backend pool: %s (not measured)", layout)
-        return BackendPool(_open_n(open_one, layout), layout)
+        return BackendPool(open_layout(layout), layout)
 
     per = autotune_s / len(candidates)
     best: tuple[float, Layout, list[Backend]] | None = None
     measured: dict[str, float] = {}
     for layout in candidates:
-        backends = _open_n(open_one, layout)
+        backends = open_layout(layout)
         try:
             rate = measure(backends, per)
         except BaseException:
@@ -194,14 +202,7 @@ def build_pool(open_one: Opener, *, workers: int | None, threads: int, on_cpu: b
 
 
 def _open_n(open_one: Opener, layout: Layout) -> list[Backend]:
-    out: list[Backend] = []
-    try:
-        for _ in range(layout.workers):
-            out.append(open_one(layout.threads))
-    except BaseException:
-        _close(out)
-        raise
-    return out
+    return open_each(layout.workers, lambda: open_one(layout.threads))
 
 
 def _close(backends: list[Backend]) -> None:
@@ -212,21 +213,19 @@ def _close(backends: list[Backend]) -> None:
 def open_pool(path: Path, backend: str | None, *, device: str, threads: int, workers: int | None,
               autotune_s: float, **options: Any) -> BackendPool:
     """Load ``path`` as a pool: the backend its suffix (or ``backend``) selects."""
-    from . import open_backend
+    from . import backend_for, check_model_file
+    check_model_file(Path(path))
+    cls = backend_for(Path(path), backend)
 
-    def open_one(t: int) -> Backend:
-        return open_backend(path, backend, device=device, threads=t, warmup=False, **options)
+    def open_layout(layout: Layout) -> list[Backend]:
+        return cls.open_workers(Path(path), layout.workers, device=device, threads=layout.threads,
+                                warmup=False, **options)
 
-    return build_pool(open_one, workers=workers, threads=threads,
-                      on_cpu=runs_on_cpu(path, backend, device), autotune_s=autotune_s)
+    return build_pool(None, workers=workers, threads=threads, on_cpu=cls.runs_on_cpu(device),
+                      autotune_s=autotune_s, open_layout=open_layout)
 
 
 def runs_on_cpu(path: Path, backend: str | None, device: str) -> bool:
-    """Whether this model would run on the CPU (ONNX Runtime without a usable GPU provider)."""
+    """Whether this model would run on the CPU with ``device`` (sized in threads per core)."""
     from . import backend_for
-    if backend_for(Path(path), backend).name != "onnxruntime":
-        return False
-    if device == "cpu":
-        return True
-    import onnxruntime
-    return "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    return backend_for(Path(path), backend).runs_on_cpu(device)

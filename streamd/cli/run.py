@@ -12,13 +12,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from ..config import load_config
     cfg = load_config(args.config)
     if args.load_model:
-        from ..backends import open_backend
+        from ..backends.choice import open_model_pool
         from ..pipeline.postprocess import conf_below_graph
-        with open_backend(cfg.model.path, cfg.model.backend, device=cfg.model.device, warmup=False) as b:
-            print(f"model: {b.info.describe()}")
-            below = conf_below_graph(b.info, cfg.model.conf)
+        m = cfg.model
+        # One worker, nothing measured: loading is the check (auto takes its first candidate).
+        pool = open_model_pool(m.path, m.backend, device=m.device, threads=m.threads, workers=1,
+                               autotune_s=0, verify_sha256=m.verify_sha256, cache_dir=m.cache_dir,
+                               bf16=m.openvino_bf16)
+        try:
+            print(f"model: {pool.info.describe()} on {pool.name}")
+            below = conf_below_graph(pool.info, m.conf)
             if below is not None:
                 print(f"warning: {below}")
+        finally:
+            pool.close()
     print(f"{args.config}: OK ({len(cfg.cameras)} cameras, model {cfg.model.path.name}, "
           f"publisher {cfg.publisher.endpoint})")
     for cam in cfg.cameras:

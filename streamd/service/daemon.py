@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..backends import backend_for
-from ..backends.pool import BackendPool, open_pool
+from ..backends.choice import open_model_pool
+from ..backends.pool import BackendPool
 from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
 from ..errors import StreamdError
 from ..outputs.base import Output
@@ -47,11 +47,10 @@ CAMERA_JOIN_S = 3.0   # a decoder inside a native read returns within its read t
 
 
 def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
-    # Only the TensorRT backend can rebuild its model; the others don't take the option.
-    extra = {"rebuild": True} if m.rebuild_engine and backend_for(m.path, m.backend).name == "tensorrt" else {}
-    pool = open_pool(m.path, m.backend, device=m.device, threads=m.threads,
-                     workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
-                     verify_sha256=m.verify_sha256, **extra)
+    pool = open_model_pool(m.path, m.backend, device=m.device, threads=m.threads,
+                            workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
+                            verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir,
+                            bf16=m.openvino_bf16)
     warn_if_conf_below_graph(pool.info, m.conf)
     return pool
 
@@ -64,7 +63,8 @@ def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
         file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
         file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, file_id,
+    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir,
+            m.openvino_bf16, file_id,
             s.workers, s.autotune_s)
 
 
