@@ -10,6 +10,7 @@ exits as it would with onnx.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,11 @@ def test_doctor_reports_a_cpu_machine_cleanly(capfd: pytest.CaptureFixture[str],
     assert "[ok  ] onnxruntime" in out and "CPUExecutionProvider" in out
     assert "FFmpeg yes" in out
     assert "[--  ] tensorrt         not installed" in out
+    # Each decoder preset was tried on a generated clip: software works, hardware absent here.
+    if shutil.which("ffmpeg"):
+        assert "[ok  ] decoder ffmpeg/none" in out and "[ok  ] decoder auto" in out
+    if not Path("/dev/nvidiactl").exists():
+        assert "[--  ] decoder ffmpeg/nvidia not available: no NVIDIA driver" in out
     assert "[ok  ] model" in out and "2 classes, 320x320" in out
     assert "engine self-test skipped: needs TensorRT" in out
     assert "everything checked works" in out and "Traceback" not in out

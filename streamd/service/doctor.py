@@ -1,7 +1,8 @@
 """``streamd doctor``: what this machine can run, checked rather than assumed.
 
 Reports Python and the platform, ONNX Runtime and its providers, OpenCV and whether it can
-decode cameras (FFmpeg, GStreamer), TensorRT, pycuda and the CUDA driver, and the GPU.
+decode cameras (FFmpeg, GStreamer), which child-process decoder presets work (each tried on a
+generated clip: FFmpeg software/NVDEC/VA-API, GStreamer software/Jetson/VA-API), TensorRT, pycuda and the CUDA driver, and the GPU.
 Where TensorRT and a GPU are both present it proves them: builds a small engine (from
 ``--model``, or from a tiny convolution network made in memory with the onnx package, no
 export needed), runs it through streamd's TensorRT backend and compares the output with
@@ -237,6 +238,7 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
     else:
         checks.append(Check("gpu", OK, f"{gpu.name}, compute capability {gpu.compute_capability}, "
                                        f"{gpu.memory_mb} MiB, driver {gpu.driver} (via {gpu.via})"))
+    checks += decoder_checks()
     if model is not None:
         checks.append(onnx_model_check(model))
     needs = selftest_needs(tensorrt=trt_version is not None, pycuda=have_pycuda, gpu=gpu is not None,
@@ -254,6 +256,28 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
         required = require_tensorrt and (trt_version is None or not have_pycuda or gpu is None)
         checks.append(Check("engine self-test", FAIL if required else MISSING,
                             f"skipped: needs {', '.join(needs)}"))
+    return checks
+
+
+def decoder_checks() -> list[Check]:
+    """Each child-decoder preset tried on a generated 1-second H.264 and H.265 clip; and what
+    ``decoder: auto`` picks from them. A hardware preset that does not work here is reported as
+    not available, not failed; the software ones must work where their program is installed."""
+    from ..config import SourceDefaults
+    from ..pipeline.sources.select import best, run_trials
+
+    trials = run_trials(SourceDefaults())
+    checks = []
+    for t in trials:
+        name = f"decoder {t.kind}/{t.preset}"
+        if t.works:
+            checks.append(Check(name, OK, "decodes H.264 and H.265, scaled in the decoder"))
+        elif t.preset != "none" or "not installed" in t.problem:
+            checks.append(Check(name, MISSING, f"not available: {t.problem}"))
+        else:
+            checks.append(Check(name, FAIL, t.problem))
+    kind, preset = best({(t.kind, t.preset): t for t in trials})
+    checks.append(Check("decoder auto", OK, kind if kind == "opencv" else f"{kind}/{preset}"))
     return checks
 
 
