@@ -12,6 +12,7 @@ kills its producer; the child's text output is parsed only for the stream's size
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -32,6 +33,8 @@ from .presets import DecoderChoice, StreamInfo, ffmpeg_command, gstreamer_comman
 log = logging.getLogger("streamd.source")
 
 _KILL_WAIT_S = 1.0
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_MAX = 1 << 20                         # /proc/sys/fs/pipe-max-size's default
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]*@")
 _ERROR_WORDS = ("error", "erroneous", "no element", "failed", "invalid", "unauthorized", "refused", "not found", "could not", "no such",
                 "timed out", "unsupported", "not supported")
@@ -114,6 +117,11 @@ class ChildCapture:
                 return False
         w, h = self.info.output
         self._frame_bytes = w * h * 3
+        try:
+            # A pipe holds 64 KiB by default: a 640x360 frame would take a dozen wake-ups to read.
+            fcntl.fcntl(self._frame_fd, _F_SETPIPE_SZ, min(self._frame_bytes, _PIPE_MAX))
+        except OSError:
+            pass                            # above the system's pipe-max-size: the default works
         return True
 
     # ---- cv2.VideoCapture's calls ------------------------------------------------------------------

@@ -102,7 +102,8 @@ def ffmpeg_command(cam: CameraConfig, defaults: SourceDefaults, preset: str,
         elif preset == "vaapi":
             out = [f"scale_vaapi={fit_args}:format=nv12,hwdownload,format=nv12"]
         else:
-            out = [f"scale={fit_args}:flags=bilinear"]
+            # Scale in YUV (a quarter of the chroma to touch), then convert at the small size.
+            out = [f"scale={fit_args}:flags=bilinear", "format=yuv420p"]
     elif preset in ("nvidia", "vaapi"):
         out = ["hwdownload", "format=nv12"]
     vf = ",".join(out + ["format=bgr24"])
