@@ -151,8 +151,10 @@ def test_a_killed_decoder_process_is_restarted(test_media, rtsp_server, watch) -
 
 
 @pytest.mark.rtsp
-def test_camera_stall_offline_and_wrong_password_through_ffmpeg(test_media, rtsp_server, watch, caplog) -> None:
-    need("ffmpeg")
+@pytest.mark.parametrize("kind", ["ffmpeg", "gstreamer"])
+def test_camera_stall_offline_and_wrong_password_through_a_child(kind: str, test_media, rtsp_server, watch,
+                                                                 caplog) -> None:
+    need(kind)
     caplog.set_level(logging.DEBUG, logger="streamd")
     srv = rtsp_server(mounts={"/cam": test_media["bus"].images_spec(10)}, user="viewer", password=PASSWORD)
     ok = CameraConfig(id="ok", url=srv.url("/cam", credentials=False), username="viewer", password=PASSWORD)
@@ -161,7 +163,7 @@ def test_camera_stall_offline_and_wrong_password_through_ffmpeg(test_media, rtsp
     off = CameraConfig(id="off", url=f"rtsp://127.0.0.1:{free_tcp_port()}/cam")
     for c in (ok, bad):
         register_url(c.open_url())
-    w_ok, w_bad, w_off = (watch(c, DecoderChoice("ffmpeg", "none", FIT)) for c in (ok, bad, off))
+    w_ok, w_bad, w_off = (watch(c, DecoderChoice(kind, "none", FIT)) for c in (ok, bad, off))
     w_ok.frame()
     wait_until(lambda: any("authentication failed" in why for _, why in w_bad.health), 30,
                what=f"a wrong password named: {w_bad.health}")
@@ -276,3 +278,19 @@ def test_boxes_of_a_scaled_frame_map_to_the_same_camera_pixels() -> None:
     net_boxes = np.array([[100.5, 50.25, 300.0, 200.0], [0.0, 12.0, 640.0, 372.0]], np.float32)
     np.testing.assert_allclose(lb_small.boxes_to_frame(net_boxes), lb_full.boxes_to_frame(net_boxes), atol=1e-3)
     assert lb_small.boxes_to_frame(net_boxes)[1].tolist() == [0.0, 0.0, 1920.0, 1080.0]
+
+
+def test_auto_prefers_working_hardware_then_ffmpeg_then_opencv() -> None:
+    from streamd.pipeline.sources.presets import PRESETS
+    from streamd.pipeline.sources.select import Trial, best
+
+    def trials(*working: str) -> dict[tuple[str, str], Trial]:
+        return {(k, p): Trial(k, p, "" if f"{k}/{p}" in working else "not here")
+                for k, presets in PRESETS.items() for p in presets}
+
+    assert best(trials("ffmpeg/none", "gstreamer/none")) == ("ffmpeg", "none")
+    assert best(trials("gstreamer/none")) == ("opencv", "none")
+    assert best(trials("ffmpeg/none", "gstreamer/jetson")) == ("gstreamer", "jetson")
+    assert best(trials("ffmpeg/vaapi", "ffmpeg/nvidia", "ffmpeg/none")) == ("ffmpeg", "nvidia")
+    assert best(trials("ffmpeg/vaapi", "ffmpeg/nvidia"), hwaccel="vaapi") == ("ffmpeg", "vaapi")
+    assert best(trials("ffmpeg/nvidia"), kind="gstreamer") == ("gstreamer", "none")
