@@ -21,6 +21,7 @@ from pydantic.types import FiniteFloat
 # loading itself lives in config_loader, shared with the alert rules.
 from .config_loader import (ModelT, StrictModel, dotted, line_for, load_file, load_yaml, parse_model,  # noqa: F401
                             validate_model, validation_error)
+from .config_sources import Decoder, Hwaccel, check_decoder_preset
 from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
@@ -107,18 +108,6 @@ class PublisherConfig(StrictModel):
         return v
 
 
-def check_decoder_preset(decoder: str, hwaccel: str) -> None:
-    """FFmpeg's presets are nvidia and vaapi; GStreamer's jetson and vaapi."""
-    if hwaccel in ("auto", "none"):
-        return
-    if decoder == "ffmpeg" and hwaccel == "jetson":
-        raise ValueError("hwaccel 'jetson' needs decoder: gstreamer (nvv4l2decoder)")
-    if decoder == "gstreamer" and hwaccel == "nvidia":
-        raise ValueError("hwaccel 'nvidia' needs decoder: ffmpeg (NVDEC); on a Jetson use 'jetson'")
-    if decoder == "opencv":
-        raise ValueError(f"hwaccel '{hwaccel}' needs decoder: ffmpeg or gstreamer (opencv decodes in software)")
-
-
 class SourceDefaults(StrictModel):
     open_timeout_s: float = Field(10, gt=0, le=120)
     read_timeout_s: float = Field(5, gt=0, le=120)
@@ -127,10 +116,10 @@ class SourceDefaults(StrictModel):
     backoff_max_s: float = Field(30, gt=0, le=3600)
     decoder_threads: int = Field(1, ge=0, le=64, description="FFmpeg threads per camera (0: FFmpeg decides). "
                                  "One each scales best to many cameras on a small box.")
-    decoder: Literal["auto", "opencv", "ffmpeg", "gstreamer"] = Field(
+    decoder: Decoder = Field(
         "opencv", description="opencv: in the daemon's process; ffmpeg / gstreamer: a child process per camera "
                               "that scales frames to the model's size; auto: the best that works here")
-    hwaccel: Literal["auto", "none", "nvidia", "vaapi", "jetson"] = Field(
+    hwaccel: Hwaccel = Field(
         "auto", description="child decoders' hardware preset (ffmpeg: nvidia, vaapi; gstreamer: jetson, vaapi); "
                             "auto: the best that `streamd doctor` finds working")
     vaapi_device: str = Field("/dev/dri/renderD128", description="the VA-API render node")
@@ -178,16 +167,8 @@ class CameraConfig(StrictModel):
     snapshot_interval_s: float = Field(0, ge=0, description="at most one snapshot per this many seconds")
     snapshot_quality: int = Field(80, ge=10, le=100)
     tracking: TrackingConfig | None = Field(None, description="overrides of the top-level tracking: keys")
-    decoder: Literal["auto", "opencv", "ffmpeg", "gstreamer"] | None = Field(
-        None, description="this camera's own sources.decoder")
-    hwaccel: Literal["auto", "none", "nvidia", "vaapi", "jetson"] | None = Field(
-        None, description="this camera's own sources.hwaccel")
-
-    @model_validator(mode="after")
-    def _preset_fits_decoder(self) -> "CameraConfig":
-        if self.decoder is not None and self.hwaccel is not None:
-            check_decoder_preset(self.decoder, self.hwaccel)
-        return self
+    decoder: Decoder | None = Field(None, description="this camera's own sources.decoder")
+    hwaccel: Hwaccel | None = Field(None, description="this camera's own sources.hwaccel")
     zones: dict[str, list[tuple[FiniteFloat, FiniteFloat]]] = Field(
         default_factory=dict, description="named polygons in frame pixels, [[x, y], ...]; object events "
                                           "report the time each object's bottom-centre spent in each")
