@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,15 @@ def test_auto_prefers_working_hardware_then_ffmpeg_then_opencv() -> None:
     assert best(trials("ffmpeg/vaapi", "ffmpeg/nvidia", "ffmpeg/none")) == ("ffmpeg", "nvidia")
     assert best(trials("ffmpeg/vaapi", "ffmpeg/nvidia"), hwaccel="vaapi") == ("ffmpeg", "vaapi")
     assert best(trials("ffmpeg/nvidia"), kind="gstreamer") == ("gstreamer", "none")
+
+
+@pytest.mark.parametrize("kind", ["ffmpeg", "gstreamer"])
+def test_a_realtime_file_plays_at_its_own_rate_through_a_child(kind: str, test_media, watch) -> None:
+    need(kind)
+    media = test_media["bus"]          # its clips are written at media.fps
+    w = watch(CameraConfig(id="rt", url=str(media.mp4), realtime=True), DecoderChoice(kind, "none", FIT))
+    w.frame()
+    t0, n0 = time.monotonic(), w.source.stats.decoded
+    wait_until(lambda: w.source.stats.decoded >= n0 + 3 * media.fps, 30, what="three seconds of frames")
+    # Not faster than the file's rate, less the one second a late camera thread may catch up.
+    assert time.monotonic() - t0 >= 3 - 1 - 1 / media.fps

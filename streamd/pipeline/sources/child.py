@@ -12,10 +12,12 @@ kills its producer; the child's text output is parsed only for the stream's size
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import re
+import select
 import selectors
 import signal
 import subprocess
@@ -106,10 +108,17 @@ class ChildCapture:
                 self.error = self.error or f"no stream within {timeout:.0f}s"
                 self.release()
                 return False
-            for key, _ in self._sel.select(min(left, 0.5)):
-                if key.fd in self._text_fds and not self._read_text(key.fd):
-                    self._sel.unregister(key.fd)
-                    self._text_fds.remove(key.fd)
+            # Only the text streams: frames that arrive meanwhile wait in their pipe.
+            if self._text_fds:
+                ready = select.select(self._text_fds, [], [], min(left, 0.5))[0]
+            else:                           # its text streams closed: it is exiting
+                ready = []
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(min(left, 0.5))
+            for fd in ready:
+                if not self._read_text(fd):
+                    self._sel.unregister(fd)
+                    self._text_fds.remove(fd)
             if self.proc.poll() is not None and self.info.output is None:
                 self._drain_text()
                 self.error = self.error or f"decoder exited with status {self.proc.returncode}"

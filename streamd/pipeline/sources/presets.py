@@ -74,8 +74,8 @@ def ffmpeg_command(cam: CameraConfig, defaults: SourceDefaults, preset: str,
     src: list[str] = ["-analyzeduration", "1000000"]
     stdin = None
     if cam.kind == "file":
-        if cam.realtime:
-            src += ["-re"]
+        # No -re: the camera thread paces a realtime file itself (as with OpenCV), and a pipe
+        # one frame deep holds FFmpeg back to that pace.
         if cam.loop:
             src += ["-stream_loop", "-1"]
         src += ["-i", url]
@@ -144,8 +144,8 @@ def gstreamer_command(cam: CameraConfig, defaults: SourceDefaults, preset: str,
         chain = (f"decodebin ! vapostproc ! video/x-raw{size} ! videoconvert ! video/x-raw,format=BGR")
     else:
         chain = f"decodebin ! videoconvert ! videoscale ! video/x-raw,format=BGR{size}"
-    sync = "true" if cam.kind == "file" and cam.realtime else "false"
-    pipeline = f"{src} ! {chain} ! fdsink fd={frame_fd} sync={sync}"
+    # sync=false: the camera thread paces a realtime file itself, and a live camera has its own pace.
+    pipeline = f"{src} ! {chain} ! fdsink fd={frame_fd} sync=false"
     return ChildCommand(["gst-launch-1.0", "-v", "-e", *_split_gst(pipeline)], None, frames_on_stdout=False)
 
 
@@ -165,6 +165,7 @@ _FF_STREAM = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5
 _FF_FPS = re.compile(r", ([\d.]+) fps")
 _GST_CAPS = re.compile(r"caps = video/x-raw.*?width=\(int\)(\d+), height=\(int\)(\d+)")
 _GST_CODEC = re.compile(r"caps = video/x-(h264|h265)")
+_GST_RATE = re.compile(r"framerate=\(fraction\)(\d+)/(\d+)")
 
 
 @dataclass
@@ -192,6 +193,9 @@ class StreamInfo:
         codec = _GST_CODEC.search(line)
         if codec and not self.codec:
             self.codec = codec.group(1)
+        rate = _GST_RATE.search(line)
+        if rate and not self.fps and int(rate.group(1)) and int(rate.group(2)):
+            self.fps = int(rate.group(1)) / int(rate.group(2))
         m = _GST_CAPS.search(line)
         if not m:
             return
