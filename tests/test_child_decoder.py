@@ -307,3 +307,23 @@ def test_a_realtime_file_plays_at_its_own_rate_through_a_child(kind: str, test_m
     wait_until(lambda: w.source.stats.decoded >= n0 + 3 * media.fps, 30, what="three seconds of frames")
     # Not faster than the file's rate, less the one second a late camera thread may catch up.
     assert time.monotonic() - t0 >= 3 - 1 - 1 / media.fps
+
+
+def test_a_snapshot_of_a_scaled_frame_is_in_the_cameras_pixels(test_media) -> None:
+    """Boxes are in the camera's pixels, so the JPEG they are drawn on must be too."""
+    import cv2
+
+    from streamd.entities import Frame, FrameResult
+    from streamd.pipeline.output.snapshots import SnapshotPolicy
+
+    cam = CameraConfig(id="door", url="x.mp4", snapshot="always")
+    small = cv2.imread(str(sorted(test_media["zidane"].frames_dir.glob("*.jpg"))[0]))
+    small = cv2.resize(small, (320, 240))
+    frame = Frame("door", 1, time.time(), time.monotonic(), small, source_size=(1280, 960))
+    result = FrameResult("door", 1, frame.capture_ts, frame.capture_mono, 1280, 960, ())
+    jpeg = SnapshotPolicy({"door": cam}.get).take(result, frame)
+    assert jpeg is not None
+    picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape == (960, 1280, 3)
+    back = cv2.resize(picture, (320, 240), interpolation=cv2.INTER_AREA)
+    assert np.abs(back.astype(int) - small.astype(int)).mean() < 8, "the same picture, scaled up"
