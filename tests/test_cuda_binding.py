@@ -51,6 +51,8 @@ def test_no_driver_is_a_clear_error_naming_the_binding() -> None:
         import_cuda()
     gpu, why = probe_gpu(0)
     assert gpu is None and why.startswith("cuda-python: ")
+    if importlib.util.find_spec("pynvml") is not None:   # NVML asked next, and says why not too
+        assert "; nvml: " in why
 
 
 @pytest.mark.gpu

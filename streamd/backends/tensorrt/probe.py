@@ -96,11 +96,11 @@ class GpuInfo:
     compute_capability: str
     memory_mb: int
     driver: str
-    via: str                 # "cuda-python" | "pycuda" | "nvidia-smi"
+    via: str                 # "cuda-python" | "pycuda" | "nvml" | "nvidia-smi"
 
 
 def probe_gpu(index: int = 0) -> tuple[GpuInfo | None, str]:
-    """The GPU at ``index`` (the CUDA binding first, nvidia-smi second), or None and why not."""
+    """The GPU at ``index`` (the CUDA binding first, then NVML, then nvidia-smi), or None and why not."""
     why, name = "", "cuda"
     try:
         cuda, name = cuda_binding()
@@ -115,7 +115,31 @@ def probe_gpu(index: int = 0) -> tuple[GpuInfo | None, str]:
         why = "no CUDA binding installed (cuda-python or pycuda)"
     except Exception as exc:  # the binding's Error and friends: no driver, no device
         why = f"{name}: {str(exc).strip() or type(exc).__name__}"
-    return _probe_gpu_smi(index, why)
+    gpu, why = _probe_gpu_nvml(index, why)
+    return (gpu, "") if gpu is not None else _probe_gpu_smi(index, why)
+
+
+def _probe_gpu_nvml(index: int, why: str) -> tuple[GpuInfo | None, str]:
+    """The GPU as NVML (nvidia-ml-py) reports it; ``why`` says why the CUDA binding could not.
+    Jetsons have no NVML: there the answer is the binding's."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, f"{why}; nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) >> 20
+            driver = _driver_text(int(pynvml.nvmlSystemGetCudaDriverVersion()))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as exc:
+        return None, f"{why}; nvml: {exc}"
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return GpuInfo(index, name, format_cc(major, minor), memory, driver, "nvml"), ""
 
 
 def _probe_gpu_smi(index: int, why: str) -> tuple[GpuInfo | None, str]:
