@@ -14,13 +14,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.types import FiniteFloat
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
 # loading itself lives in config_loader, shared with the alert rules.
 from .config_loader import (ModelT, StrictModel, dotted, line_for, load_file, load_yaml, parse_model,  # noqa: F401
                             validate_model, validation_error)
+from .config_sources import Decoder, Hwaccel, check_decoder_preset
 from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
@@ -133,6 +134,18 @@ class SourceDefaults(StrictModel):
     backoff_max_s: float = Field(30, gt=0, le=3600)
     decoder_threads: int = Field(1, ge=0, le=64, description="FFmpeg threads per camera (0: FFmpeg decides). "
                                  "One each scales best to many cameras on a small box.")
+    decoder: Decoder = Field(
+        "opencv", description="opencv: in the daemon's process; ffmpeg / gstreamer: a child process per camera "
+                              "that scales frames to the model's size; auto: the best that works here")
+    hwaccel: Hwaccel = Field(
+        "auto", description="child decoders' hardware preset (ffmpeg: nvidia, vaapi; gstreamer: jetson, vaapi); "
+                            "auto: the best that `streamd doctor` finds working")
+    vaapi_device: str = Field("/dev/dri/renderD128", description="the VA-API render node")
+
+    @model_validator(mode="after")
+    def _preset_fits_decoder(self) -> "SourceDefaults":
+        check_decoder_preset(self.decoder, self.hwaccel)
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -172,6 +185,8 @@ class CameraConfig(StrictModel):
     snapshot_interval_s: float = Field(0, ge=0, description="at most one snapshot per this many seconds")
     snapshot_quality: int = Field(80, ge=10, le=100)
     tracking: TrackingConfig | None = Field(None, description="overrides of the top-level tracking: keys")
+    decoder: Decoder | None = Field(None, description="this camera's own sources.decoder")
+    hwaccel: Hwaccel | None = Field(None, description="this camera's own sources.hwaccel")
     zones: dict[str, list[tuple[FiniteFloat, FiniteFloat]]] = Field(
         default_factory=dict, description="named polygons in frame pixels, [[x, y], ...]; object events "
                                           "report the time each object's bottom-centre spent in each")
@@ -311,6 +326,12 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             raise ConfigError(f"duplicate camera id '{cam.id}' (first used by cameras[{seen[cam.id]}])",
                               source=source, field=f"cameras[{i}].id", line=line_for(("cameras", i, "id"), lines))
         seen[cam.id] = i
+        try:
+            check_decoder_preset(cam.decoder or cfg.sources.decoder, cam.hwaccel or cfg.sources.hwaccel)
+        except ValueError as exc:
+            key = "hwaccel" if cam.hwaccel else "decoder"
+            raise ConfigError(str(exc), source=source, field=f"cameras[{i}].{key}",
+                              line=line_for(("cameras", i, key), lines)) from None
 
     # Relative model paths follow the config file, so a service's cwd doesn't matter.
     model_path = cfg.model.path

@@ -25,11 +25,19 @@ class Frame:
     capture_ts: float       # wall clock (time.time()) when the decoder returned it
     capture_mono: float     # time.monotonic() at the same instant; ages use this
     image: np.ndarray       # HxWx3 uint8, BGR (OpenCV's order)
+    # (width, height) of the camera's own pictures when the decoder scaled ``image`` down to the
+    # model's size; boxes are reported in these pixels. None: ``image`` is the camera's size.
+    source_size: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
+        """(width, height) of ``image`` in pixels."""
         return int(self.image.shape[1]), int(self.image.shape[0])
+
+    @property
+    def camera_size(self) -> tuple[int, int]:
+        """(width, height) in the camera's own pixels: what detections are reported in."""
+        return self.source_size or self.size
 
 
 class ReplyChannel(Protocol):

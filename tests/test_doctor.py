@@ -10,6 +10,7 @@ exits as it would with onnx.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,11 @@ def test_doctor_reports_a_cpu_machine_cleanly(capfd: pytest.CaptureFixture[str],
     assert "[ok  ] onnxruntime" in out and "CPUExecutionProvider" in out
     assert "FFmpeg yes" in out
     assert "[--  ] tensorrt         not installed" in out
+    # Each decoder preset was tried on a generated clip: software works, hardware absent here.
+    if shutil.which("ffmpeg"):
+        assert "[ok  ] decoder ffmpeg/none" in out and "[ok  ] decoder auto" in out
+    if not Path("/dev/nvidiactl").exists():
+        assert "[--  ] decoder ffmpeg/nvidia not available: no NVIDIA driver" in out
     assert "[ok  ] model" in out and "2 classes, 320x320" in out
     assert "engine self-test skipped: needs TensorRT" in out
     assert "everything checked works" in out and "Traceback" not in out
@@ -123,13 +129,13 @@ def test_doctor_with_a_model_needs_no_onnx(fall_onnx_320: Path) -> None:
 
 
 def test_selftest_needs_onnx_only_for_its_own_tiny_network() -> None:
-    here = {"tensorrt": True, "pycuda": True, "gpu": True}
+    here = {"tensorrt": True, "cuda": True, "gpu": True}
     blocked = "import of onnx halted; None in sys.modules"
-    # TensorRT, pycuda and a GPU present, onnx absent: skipped for onnx alone, saying so.
+    # TensorRT, a CUDA binding and a GPU present, onnx absent: skipped for onnx alone, saying so.
     (need,) = selftest_needs(**here, model=None, onnx_problem=blocked)
     assert need.startswith("the onnx package") and blocked in need and "--model" in need
     # An exported model is built directly: onnx is not needed.
     assert selftest_needs(**here, model=Path("m.onnx"), onnx_problem=blocked) == []
     assert selftest_needs(**here, model=None, onnx_problem=None) == []
-    assert selftest_needs(tensorrt=False, pycuda=True, gpu=False, model=None, onnx_problem=None) == \
+    assert selftest_needs(tensorrt=False, cuda=True, gpu=False, model=None, onnx_problem=None) == \
         ["TensorRT", "a GPU"]

@@ -1,6 +1,6 @@
 """TensorRT engines built, loaded and run on a real GPU.
 
-Skipped, with the reason, where TensorRT, pycuda or an NVIDIA GPU is missing. Where they
+Skipped, with the reason, where TensorRT, a CUDA binding (cuda-python or pycuda) or an NVIDIA GPU is missing. Where they
 are present: FP32, FP16 and INT8 (Q/DQ) engines are built by ``streamd-export --engine``
 from the real Normal/Fall checkpoint, loaded by streamd's TensorRT backend and compared
 with ONNX Runtime on the same pictures; dynamic batches and two batches in flight give
@@ -36,11 +36,12 @@ def _missing() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "TensorRT is not installed (pip install tensorrt from NVIDIA's index, or JetPack)"
+    from streamd.backends.tensorrt.probe import cuda_binding, probe_gpu
+
     try:
-        import pycuda.driver  # noqa: F401
-    except ImportError:
-        return "pycuda is not installed (the TensorRT backend needs it)"
-    from streamd.backends.tensorrt.probe import probe_gpu
+        cuda_binding()
+    except ImportError as exc:
+        return f"{exc} (the TensorRT backend needs one)"
 
     gpu, why = probe_gpu(0)
     if gpu is None:

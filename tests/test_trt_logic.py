@@ -623,13 +623,13 @@ def test_backend_says_what_is_missing_for_an_intact_engine(tmp_path: Path) -> No
         open_backend(engine)
 
 
-def test_importing_streamd_does_not_import_tensorrt_or_pycuda() -> None:
+def test_importing_streamd_does_not_import_tensorrt_or_a_cuda_binding() -> None:
     code = ("import sys, streamd, streamd.backends, streamd.backends.tensorrt, streamd.backends.tensorrt.logic, "
             "streamd.backends.tensorrt.profiles, streamd.backends.tensorrt.probe, "
             "streamd.backends.tensorrt.build, streamd.service.doctor, streamd.cli\n"
             "from streamd.backends import backend_for\nfrom pathlib import Path\n"
             "backend_for(Path('m.engine'))\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'pycuda', 'cuda')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

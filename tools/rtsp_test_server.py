@@ -13,6 +13,8 @@ Mount specs:
     A printf-style JPEG pattern (``frame%03d.jpg``) or a single JPEG, looped, scaled to
     ``--width``x``--height`` and encoded live with x264 at FPS frames per second. It is
     paced by the clock like a real camera and costs CPU for the encoding.
+``images-h265:PATTERN@FPS``
+    The same, encoded live with x265: an H.265 camera.
 ``h264:FILE``
     An Annex-B H.264 file, looped without re-encoding and not paced: the server sends it
     as fast as the slowest reader of the mount takes it (TCP back-pressure is the only
@@ -68,6 +70,7 @@ class ImagesMount:
     pattern: str
     start_index: int
     fps: Fraction
+    codec: str = "h264"          # h264 | h265
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,13 @@ def parse_mount(text: str) -> Mount:
     if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path):
         raise UsageError(f"mount path {path!r} may only use letters, digits and . _ ~ -")
     kind, sep, rest = spec.partition(":")
-    if kind == "images" and sep:
+    if kind in ("images", "images-h265") and sep:
         pattern, at, fps_text = rest.rpartition("@")
         if not at or not pattern:
             raise UsageError(f"images mount needs PATTERN@FPS, got {spec!r}")
         pattern = os.path.abspath(pattern)
-        return ImagesMount(path, pattern, _first_index(pattern), _parse_fps(fps_text))
+        return ImagesMount(path, pattern, _first_index(pattern), _parse_fps(fps_text),
+                           "h265" if kind == "images-h265" else "h264")
     if kind == "h264" and sep:
         file, fps = rest, None
         # A file name may itself contain '@'; only a trailing @NUMBER is a rate.
@@ -129,7 +133,7 @@ def parse_mount(text: str) -> Mount:
         if not os.path.isfile(file):
             raise UsageError(f"H.264 file not found: {file}")
         return H264Mount(path, file, fps)
-    raise UsageError(f"mount spec must be images:PATTERN@FPS or h264:FILE[@FPS], got {spec!r}")
+    raise UsageError(f"mount spec must be images[-h265]:PATTERN@FPS or h264:FILE[@FPS], got {spec!r}")
 
 
 def _quote(value: str) -> str:
@@ -150,9 +154,10 @@ def launch_line(mount: Mount, width: int, height: int) -> str:
             " ! video/x-raw,width={w},height={h},pixel-aspect-ratio=1/1"
             # Holding each buffer until its clock time is what paces the stream.
             " ! identity sync=true"
-            " ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop}"
-            " ! rtph264pay name=pay0 pt=96 config-interval=1 )"
+            " ! {enc} tune=zerolatency speed-preset=ultrafast key-int-max={gop}"
+            " ! rtp{codec}pay name=pay0 pt=96 config-interval=1 )"
         ).format(
+            enc="x265enc" if mount.codec == "h265" else "x264enc", codec=mount.codec,
             loc=_quote(mount.pattern), idx=mount.start_index, n=fps.numerator,
             d=fps.denominator, w=width, h=height, gop=gop,
         )
@@ -212,7 +217,8 @@ def _check_host(host: str, allow_non_loopback: bool) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Loopback RTSP server for tests: serves JPEG sequences and H.264 files as cameras.",
-        epilog="Mount specs: images:PATTERN@FPS (live-encoded, paced), h264:FILE (Annex-B, looped, "
+        epilog="Mount specs: images:PATTERN@FPS (live-encoded, paced), images-h265:PATTERN@FPS (the same "
+               "in H.265), h264:FILE (Annex-B, looped, "
                "unpaced) or h264:FILE@FPS (Annex-B, looped, paced).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages streamd's demo and tests need, if they are missing:
 # FFmpeg (to make clips), GStreamer's RTSP server with Python bindings (the test cameras), and
-# the Mosquitto and Redis servers the broker-output tests start. The daemon itself needs none.
+# the Mosquitto and Redis servers the broker-output tests start. The daemon itself needs none; its
+# child-process decoders (sources.decoder: ffmpeg | gstreamer) run ffmpeg or gst-launch-1.0.
 set -euo pipefail
 
-pkgs=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+pkgs=(ffmpeg gstreamer1.0-tools python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
       gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav mosquitto redis-server)
 
 have_all() {
   command -v ffmpeg >/dev/null 2>&1 || return 1
+  command -v gst-launch-1.0 >/dev/null 2>&1 || return 1
   # Debian installs the brokers' binaries in sbin/bin; the tests start their own instances.
   [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || return 1
   command -v redis-server >/dev/null 2>&1 || return 1
@@ -18,7 +20,7 @@ gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import Gst, GstRtspServer
 Gst.init(None)
-for name in ("x264enc", "rtph264pay", "jpegdec", "h264parse", "multifilesrc"):
+for name in ("x264enc", "rtph264pay", "x265enc", "rtph265pay", "jpegdec", "h264parse", "multifilesrc"):
     assert Gst.ElementFactory.find(name), name
 PY
 }

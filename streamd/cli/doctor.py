@@ -24,5 +24,5 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
                                                    "every backend and device; with TensorRT and a GPU, "
                                                    "build and compare an engine from it")
     d.add_argument("--require-tensorrt", action="store_true",
-                   help="count a missing TensorRT, pycuda or GPU as a failure")
+                   help="count a missing TensorRT, CUDA binding or GPU as a failure")
     d.set_defaults(func=_cmd_doctor)

@@ -7,7 +7,7 @@ scheduler and reused, so a 1080p frame costs one resize and one copy, not a fres
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -25,6 +25,10 @@ class Letterbox:
     pad_y: int
     width: int      # original frame size
     height: int
+    # The camera's own size when the frame was scaled down by its decoder (0: not scaled):
+    # boxes then go on from frame pixels to these.
+    source_w: int = 0
+    source_h: int = 0
 
     @property
     def resized(self) -> tuple[int, int]:
@@ -41,10 +45,15 @@ class Letterbox:
         new_w, new_h = self.resized
         out[:, [0, 2]] /= new_w / self.width
         out[:, [1, 3]] /= new_h / self.height
+        width, height = self.width, self.height
+        if self.source_w and (self.source_w, self.source_h) != (width, height):
+            out[:, [0, 2]] *= self.source_w / width
+            out[:, [1, 3]] *= self.source_h / height
+            width, height = self.source_w, self.source_h
         # Assign, not ``np.clip(..., out=out[:, [0, 2]])``: fancy indexing makes a copy, and
         # clipping into that copy would leave the boxes unclipped.
-        out[:, [0, 2]] = out[:, [0, 2]].clip(0, self.width)
-        out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.height)
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
         return out
 
 
@@ -94,8 +103,10 @@ class BatchBuffer:
     def max_batch(self) -> int:
         return self._u8.shape[0]
 
-    def fill(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
-        """Letterbox ``images`` (BGR uint8) into the buffer; return the batch view and boxes."""
+    def fill(self, images: list[np.ndarray], source_sizes: list[tuple[int, int] | None] | None = None
+             ) -> tuple[np.ndarray, list[Letterbox]]:
+        """Letterbox ``images`` (BGR uint8) into the buffer; return the batch view and boxes.
+        ``source_sizes``: per image, the camera's own (w, h) where its decoder scaled it down."""
         n = len(images)
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"batch of {n} images does not fit a buffer of {self.max_batch}")
@@ -104,6 +115,9 @@ class BatchBuffer:
             h, w = img.shape[:2]
             lb, new_w, new_h = letterbox_geometry(w, h, self.net_h, self.net_w,
                                                   min(self.fit_h / h, self.fit_w / w))
+            src = source_sizes[i] if source_sizes else None
+            if src is not None:
+                lb = replace(lb, source_w=src[0], source_h=src[1])
             slot = self._u8[i]
             if (new_w, new_h) != (w, h):
                 img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -263,7 +263,9 @@ class Pipeline:
             if batch is None:
                 continue
             try:
-                tensor, batch.letterboxes = self._buffer(w, batch.shape).fill([it.image for it in batch.items])
+                tensor, batch.letterboxes = self._buffer(w, batch.shape).fill(
+                    [it.image for it in batch.items],
+                    [it.source_size if isinstance(it, Frame) else None for it in batch.items])
                 batch.t_preprocessed = batch.t_infer_start = w.infer_since = time.monotonic()
                 batch.outputs = w.backend.infer(tensor)
                 batch.t_inferred = time.monotonic()
@@ -370,7 +372,7 @@ class Pipeline:
                 self.stats.too_old_at_publish += 1
                 self.on_frame_dropped(frame.camera_id, "too_old")
                 continue
-            w, h = frame.size
+            w, h = frame.camera_size
             frames.append(frame)
             results.append(FrameResult(
                 frame.camera_id, frame.frame_no, frame.capture_ts, frame.capture_mono, w, h, d,

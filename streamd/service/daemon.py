@@ -32,6 +32,7 @@ from ..pipeline.queues import QueueSet
 from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
+from ..pipeline.sources.select import choose
 from ..redact import scrub
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
@@ -151,7 +152,8 @@ class Daemon:
     # ---- cameras ----------------------------------------------------------------------------------
     def _start_camera(self, cam_cfg: CameraConfig, cfg: Config) -> None:
         q = self.queues.add(cam_cfg.id, cam_cfg.queue_depth)
-        src = CameraSource(cam_cfg, cfg.sources, q, self.output.health)
+        h, w = self.backend.info.input_hw      # child decoders scale frames to fit the model
+        src = CameraSource(cam_cfg, cfg.sources, q, self.output.health, decoder=choose(cam_cfg, cfg.sources, (w, h)))
         self.cameras[cam_cfg.id] = src
         src.start()
 
@@ -167,7 +169,7 @@ class Daemon:
         err = dead.error
         log.warning("camera=%s decoder thread died (%s); restarting it", cam_id,
                     scrub(f"{type(err).__name__}: {err}"))
-        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.output.health)
+        src = CameraSource(dead.cam, self.cfg.sources, dead.queue, self.output.health, decoder=dead.decoder)
         src.stats = dead.stats          # counters stay monotonic for metrics
         src.stats.reconnects += 1
         self.cameras[cam_id] = src

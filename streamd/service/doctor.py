@@ -1,7 +1,8 @@
 """``streamd doctor``: what this machine can run, checked rather than assumed.
 
 Reports Python and the platform, ONNX Runtime and its providers, OpenCV and whether it can
-decode cameras (FFmpeg, GStreamer), TensorRT, pycuda and the CUDA driver, and the GPU.
+decode cameras (FFmpeg, GStreamer), which child-process decoder presets work (each tried on a
+generated clip: FFmpeg software/NVDEC/VA-API, GStreamer software/Jetson/VA-API), TensorRT, the CUDA binding (cuda-python or pycuda) and driver, and the GPU.
 Where TensorRT and a GPU are both present it proves them: builds a small engine (from
 ``--model``, or from a tiny convolution network made in memory with the onnx package, no
 export needed), runs it through streamd's TensorRT backend and compares the output with
@@ -176,10 +177,10 @@ def onnx_package_problem() -> str | None:
     return None
 
 
-def selftest_needs(*, tensorrt: bool, pycuda: bool, gpu: bool, model: Path | None,
+def selftest_needs(*, tensorrt: bool, cuda: bool, gpu: bool, model: Path | None,
                    onnx_problem: str | None) -> list[str]:
     """What the engine self-test lacks on this machine (empty: it can run)."""
-    needs = [n for n, have in (("TensorRT", tensorrt), ("pycuda", pycuda), ("a GPU", gpu)) if not have]
+    needs = [n for n, have in (("TensorRT", tensorrt), ("a CUDA binding", cuda), ("a GPU", gpu)) if not have]
     if model is None and onnx_problem is not None:
         needs.append(f"the onnx package to make its tiny test network, which cannot be imported "
                      f"here ({onnx_problem}; a daemon-only install leaves it out): give --model "
@@ -207,7 +208,7 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
         checks.append(Check("opencv", FAIL, f"cannot be imported ({exc})"))
 
     from ..backends.tensorrt.logic import TrtVersion, check_supported
-    from ..backends.tensorrt.probe import cuda_driver, probe_gpu, tensorrt_version
+    from ..backends.tensorrt.probe import CUDA_HINT, cuda_driver, probe_gpu, tensorrt_version
 
     trt_version = tensorrt_version()
     if trt_version is None:
@@ -221,25 +222,26 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
         except ValueError as exc:
             checks.append(Check("tensorrt", FAIL, str(exc)))
     try:
-        driver, devices = cuda_driver()
-        checks.append(Check("pycuda", OK, f"CUDA driver {driver}, {devices} device(s)"))
-        have_pycuda = True
+        driver, devices, binding = cuda_driver()
+        checks.append(Check("cuda", OK, f"{binding}: CUDA driver {driver}, {devices} device(s)"))
+        have_cuda = True
     except ImportError:
-        checks.append(Check("pycuda", FAIL if require_tensorrt else MISSING,
-                            "not installed (the TensorRT backend needs it)"))
-        have_pycuda = False
+        checks.append(Check("cuda", FAIL if require_tensorrt else MISSING,
+                            f"no CUDA binding (the TensorRT backend needs one: {CUDA_HINT})"))
+        have_cuda = False
     except Exception as exc:
-        checks.append(Check("pycuda", FAIL, f"CUDA driver unusable ({exc})"))
-        have_pycuda = False
+        checks.append(Check("cuda", FAIL if require_tensorrt else MISSING, f"CUDA driver unusable ({exc})"))
+        have_cuda = False
     gpu, why = probe_gpu(0)
     if gpu is None:
         checks.append(Check("gpu", FAIL if require_tensorrt else MISSING, f"none ({why})"))
     else:
         checks.append(Check("gpu", OK, f"{gpu.name}, compute capability {gpu.compute_capability}, "
                                        f"{gpu.memory_mb} MiB, driver {gpu.driver} (via {gpu.via})"))
+    checks += decoder_checks()
     if model is not None:
         checks.append(onnx_model_check(model))
-    needs = selftest_needs(tensorrt=trt_version is not None, pycuda=have_pycuda, gpu=gpu is not None,
+    needs = selftest_needs(tensorrt=trt_version is not None, cuda=have_cuda, gpu=gpu is not None,
                            model=model, onnx_problem=onnx_package_problem() if model is None else None)
     if not needs:
         try:
@@ -249,11 +251,33 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             checks.append(Check("engine self-test", FAIL, f"{type(exc).__name__}: {first[:300]}"))
     else:
-        # Only a missing TensorRT, pycuda or GPU fails --require-tensorrt: without onnx the
+        # Only a missing TensorRT, CUDA binding or GPU fails --require-tensorrt: without onnx the
         # self-test is skipped, and --model runs it.
-        required = require_tensorrt and (trt_version is None or not have_pycuda or gpu is None)
+        required = require_tensorrt and (trt_version is None or not have_cuda or gpu is None)
         checks.append(Check("engine self-test", FAIL if required else MISSING,
                             f"skipped: needs {', '.join(needs)}"))
+    return checks
+
+
+def decoder_checks() -> list[Check]:
+    """Each child-decoder preset tried on a generated 1-second H.264 and H.265 clip; and what
+    ``decoder: auto`` picks from them. A hardware preset that does not work here is reported as
+    not available, not failed; the software ones must work where their program is installed."""
+    from ..config import SourceDefaults
+    from ..pipeline.sources.select import best, run_trials
+
+    trials = run_trials(SourceDefaults())
+    checks = []
+    for t in trials:
+        name = f"decoder {t.kind}/{t.preset}"
+        if t.works:
+            checks.append(Check(name, OK, "decodes H.264 and H.265, scaled in the decoder"))
+        elif t.preset != "none" or "not installed" in t.problem:
+            checks.append(Check(name, MISSING, f"not available: {t.problem}"))
+        else:
+            checks.append(Check(name, FAIL, t.problem))
+    kind, preset = best({(t.kind, t.preset): t for t in trials})
+    checks.append(Check("decoder auto", OK, kind if kind == "opencv" else f"{kind}/{preset}"))
     return checks
 
 

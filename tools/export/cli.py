@@ -67,14 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
                "  streamd-export fall.pt --imgsz 384 640 --batch 4 --fixed-size --nms --conf 0.3 "
                "--name fall-nms",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("weights", metavar="MODEL.pt", type=Path, help="Ultralytics YOLOv8 detection checkpoint")
-    p.add_argument("--imgsz", nargs="+", metavar="N", default=["640"],
+    p.add_argument("weights", metavar="MODEL.pt", type=Path, nargs="?",
+                   help="Ultralytics YOLOv8 detection checkpoint, or an ONNX of one (MODEL.onnx: taken as it "
+                        "is, with its manifest or one derived from the graph; no torch needed)")
+    p.add_argument("--adopt-engine", type=Path, metavar="ENGINE",
+                   help="write the manifest of an engine built elsewhere (trtexec) from the ONNX it was "
+                        "built from (--onnx); needs TensorRT and the GPU it was built for")
+    p.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="with --adopt-engine: the engine's ONNX")
+    p.add_argument("--imgsz", nargs="+", metavar="N", default=None,
                    help="network input: N for N x N, or H W (multiples of the stride, 32); the "
                         "largest input unless --fixed-size; default 640")
     p.add_argument("--fixed-size", action="store_true",
                    help="pin the input to exactly --imgsz (default: any H x W that are multiples "
                         "of the stride up to --imgsz, so a 16:9 camera runs at 640x384)")
-    p.add_argument("--batch", default="1", metavar="N|MIN-MAX",
+    p.add_argument("--batch", default=None, metavar="N|MIN-MAX",
                    help="N for a static batch of N, MIN-MAX for a dynamic batch axis; default 1")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Ultralytics' choice)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
@@ -99,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExportRequest:
-    imgsz = _imgsz(args.imgsz, parser)
+    if args.weights is None:
+        parser.error("give MODEL.pt (or MODEL.onnx), or --adopt-engine ENGINE --onnx MODEL.onnx")
+    imgsz = _imgsz(args.imgsz or ["640"], parser)
     try:
-        bmin, bmax, dynamic = parse_batch(args.batch)
+        bmin, bmax, dynamic = parse_batch(args.batch or "1")
     except ValueError as exc:
         parser.error(str(exc))
     nms_opts = {k: v for k, v in (("conf", args.conf), ("iou", args.iou), ("max_det", args.max_det))
@@ -115,6 +123,7 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
                          dynamic_batch=dynamic, dynamic_hw=not args.fixed_size, opset=args.opset, simplify=args.simplify,
                          nms=args.nms, out_dir=args.out_dir, name=args.name,
                          precision=args.precision, verbose=args.verbose, **nms_opts,
+                         imgsz_given=args.imgsz is not None, batch_given=args.batch is not None,
                          **precision_options(args))
 
 
@@ -153,6 +162,16 @@ def _summary(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
+def _adopt_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .adopt_engine import adopt_engine
+
+    if args.onnx is None or args.weights is not None:
+        parser.error("--adopt-engine ENGINE takes --onnx MODEL.onnx (the ONNX it was built from) and no MODEL")
+    path = adopt_engine(args.adopt_engine, args.onnx)
+    print(f"{PROG}: wrote {path}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     verbose = False
@@ -161,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         # return value so callers always get an exit status back.
         args = parser.parse_args(argv)
         verbose = bool(args.verbose)
+        if args.adopt_engine is not None:
+            return _adopt_engine(args, parser)
         request = request_from_args(args, parser)
         result = run_export(request)
     except SystemExit as exc:

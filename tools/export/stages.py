@@ -71,6 +71,14 @@ class ExportRequest:
     min_agreement: float | None = None         # None: the precision's default
     workspace_mb: int = 1024
     timing_cache: Path | None = None           # None: OUT_DIR/timing.cache
+    # An ONNX input (onnx_input.py) takes its size and batch from the graph unless these were given.
+    imgsz_given: bool = False
+    batch_given: bool = False
+
+    @property
+    def from_onnx(self) -> bool:
+        """The input is an ONNX model, adopted as it is (no torch, no Ultralytics)."""
+        return self.weights.suffix.lower() == ".onnx"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Path(self.weights))
@@ -221,6 +229,8 @@ PLANS: dict[str, tuple[str, ...]] = {
     "int8": ("preflight", "inputs", "load", "onnx", "calibrate", "int8", "agreement", "manifest",
              "verify", "install"),
 }
+# An ONNX input is adopted, not exported: its own plan (torch-free), --engine appended as for the others.
+ONNX_PLAN: tuple[str, ...] = ("preflight", "adopt")
 # --engine appends this stage: the ONNX is installed first, so a machine without TensorRT
 # still gets the ONNX models and a precise message about the step it cannot do.
 ENGINE_STAGE = "engine"
@@ -244,6 +254,7 @@ def _ensure_registered() -> None:
         engine_stage,
         fp16_stage,
         int8_stage,
+        onnx_input,
         onnx_stage,
         output,
         preflight,
@@ -254,7 +265,10 @@ def _ensure_registered() -> None:
 def plan_for(request: ExportRequest) -> list[Stage]:
     """The stages that fulfil ``request``, or ExportNotImplemented before any work starts."""
     _ensure_registered()
-    names = PLANS.get(request.precision)
+    names = PLANS.get(request.precision) if not request.from_onnx else ONNX_PLAN
+    if request.from_onnx and request.precision != "fp32":
+        raise ExportNotImplemented(f"--precision {request.precision} of an ONNX input: convert it from the .pt "
+                                   f"(its FP16/INT8 stages compare with the FP32 export)")
     if names is None:
         done = ", ".join(sorted(PLANS))
         raise ExportNotImplemented(

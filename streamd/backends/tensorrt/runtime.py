@@ -1,6 +1,7 @@
-"""TensorRT backend: a plain ``.engine`` plan file plus its manifest, run through pycuda.
+"""TensorRT backend: a plain ``.engine`` plan file plus its manifest, run through a CUDA binding
+(NVIDIA's cuda-python via ``cuda_python``, or pycuda; ``probe.import_cuda`` picks).
 
-Importing this module imports neither tensorrt nor pycuda; both load when an engine is
+Importing this module imports neither tensorrt nor a CUDA binding; both load when an engine is
 opened (or built), so a machine without them can still import streamd, list backends and
 read manifests (``probe`` imports them). The decisions (is this plan loadable here,
 profile and batch choice, buffer sizes) live in ``logic`` and ``profiles`` beside this
@@ -48,7 +49,7 @@ from ...manifest import PAD_VALUE, ModelManifest, sidecar_path
 from ..base import Backend, ModelInfo
 from .build import last_error, make_logger, rebuild_engine
 from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
-from .probe import import_pycuda, import_tensorrt
+from .probe import import_cuda, import_tensorrt
 from .profiles import (
     BatchProfile,
     BufferSpec,
@@ -130,7 +131,7 @@ class TensorRTBackend(Backend):
         actual_sha = hashlib.sha256(plan).hexdigest()
         check_engine_file(manifest, actual_sha, path=self.path)
         trt = import_tensorrt()
-        cuda = import_pycuda()
+        cuda = import_cuda()
         self._cuda = cuda
         try:
             dev = cuda.Device(gpu)
@@ -390,7 +391,11 @@ class TensorRTBackend(Backend):
             for slot in self._slots:
                 for mem in (slot.dev_in, *slot.dev_out.values()):
                     mem.free()
+                if hasattr(slot.done, "destroy"):      # cuda-python's events are freed by hand
+                    slot.done.destroy()
             self._slots.clear()
+            if self._stream is not None and hasattr(self._stream, "destroy"):
+                self._stream.destroy()
             # TensorRT objects go in dependency order: context, engine, runtime.
             self._context = None
             self._engine = None

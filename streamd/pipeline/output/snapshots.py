@@ -33,7 +33,10 @@ class SnapshotPolicy:
         cam = self._settings(r.camera_id)
         if cam is None or not self.wants(cam, r):
             return None
-        ok, buf = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, cam.snapshot_quality])
+        # A frame its decoder scaled down is scaled back: boxes are in the camera's pixels.
+        image = frame.image if frame.source_size in (None, frame.size) else \
+            cv2.resize(frame.image, frame.camera_size, interpolation=cv2.INTER_LINEAR)
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, cam.snapshot_quality])
         if not ok:
             return None
         self._last[r.camera_id] = r.capture_mono

@@ -27,6 +27,8 @@ from ...config import CameraConfig, SourceDefaults
 from ...entities import Frame
 from ..queues import RingQueue
 from ...redact import scrub
+from .child import ChildCapture
+from .presets import DecoderChoice
 from .rtsp_probe import diagnose
 
 log = logging.getLogger("streamd.source")
@@ -99,9 +101,10 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
 
 class CameraSource(threading.Thread):
     def __init__(self, cam: CameraConfig, defaults: SourceDefaults, queue: RingQueue,
-                 on_health: HealthCallback) -> None:
+                 on_health: HealthCallback, decoder: DecoderChoice | None = None) -> None:
         super().__init__(name=f"cam-{cam.id}", daemon=True)
         self.cam = cam
+        self.decoder = decoder or DecoderChoice("opencv")
         self.defaults = defaults
         self.queue = queue
         self.stats = CameraStats()
@@ -214,7 +217,9 @@ class CameraSource(threading.Thread):
             self._decode_warned_at = now
             self._decode_errors_unlogged = 0
 
-    def _open(self) -> tuple[cv2.VideoCapture | None, str]:
+    def _open(self) -> tuple[cv2.VideoCapture | ChildCapture | None, str]:
+        if self.decoder.kind != "opencv":
+            return self._open_child()
         self.in_native_open = True
         try:
             return self._open_capture()
@@ -256,14 +261,36 @@ class CameraSource(threading.Thread):
         if cap.isOpened():
             return cap, ""
         cap.release()
+        return None, self._why_not_opened(url)
+
+    def _open_child(self) -> tuple[ChildCapture | None, str]:
+        """Start a child decoder; it is killed if it reports no stream within the open timeout."""
+        try:
+            child = ChildCapture(self.cam, self.defaults, self.decoder)
+        except (OSError, ValueError) as exc:
+            return None, scrub(f"cannot start the {self.decoder.name} decoder ({exc})")
+        if child.open(self.defaults.open_timeout_s, self.stop_event):
+            return child, ""
+        if self.stop_event.is_set():
+            return None, "stopping"
+        # An RTSP camera gets the same diagnosis as with OpenCV (refused, bad password, wrong
+        # path); otherwise the child's own last error says most.
+        why = self._why_not_opened(self.cam.open_url()) if self.cam.kind == "rtsp" else ""
+        if why and not why.startswith("the camera answers"):
+            return None, why
+        return None, f"{self.decoder.name} decoder: {child.error or 'no stream'}"
+
+    def _why_not_opened(self, url: str) -> str:
+        """Why a decoder could not open the camera, in words a person can act on."""
+        kind = self.cam.kind
         if kind == "rtsp":
             why = diagnose(url, timeout=min(5.0, self.defaults.open_timeout_s))
             if why == "reachable":
                 why = "the camera answers but its stream could not be decoded"
-            return None, why
+            return why
         if kind == "file":
-            return None, "the video file could not be opened (unsupported or corrupt)"
-        return None, "could not be opened"
+            return "the video file could not be opened (unsupported or corrupt)"
+        return "could not be opened"
 
     def _stream(self, cap: cv2.VideoCapture) -> tuple[str, str, bool]:
         """Read until stop, end of stream, or failure: returns (outcome, reason, got_frames)."""
@@ -333,18 +360,23 @@ class CameraSource(threading.Thread):
             if image.dtype != np.uint8:
                 self._decode_error(f"frame of {image.dtype}, not 8-bit")
                 continue
+            # A child decoder scales in the decoder: the frame keeps the camera's own size so
+            # boxes come out in the camera's pixels.
+            source_size = getattr(cap, "source_size", None)
             if not got_frames:
                 got_frames = True
-                h, w = image.shape[:2]
+                w, h = source_size or (image.shape[1], image.shape[0])
                 self.stats.width, self.stats.height = w, h
                 self._stall_reported = False
                 self._set_state(State.STREAMING, f"connected {w}x{h}"
-                                + (f" @ {native_fps:.1f} fps" if 0 < native_fps < 1000 else ""))
+                                + (f" @ {native_fps:.1f} fps" if 0 < native_fps < 1000 else "")
+                                + ("" if source_size is None else
+                                   f" ({self.decoder.name}, {image.shape[1]}x{image.shape[0]} to the model)"))
             elif self._stall_reported:
                 self._stall_reported = False
                 self._set_state(State.STREAMING, "frames flowing again")
             self._frame_no += 1
             self.stats.decoded += 1
             self.stats.last_frame_mono = now
-            self.queue.put(Frame(self.cam.id, self._frame_no, time.time(), now, image))
+            self.queue.put(Frame(self.cam.id, self._frame_no, time.time(), now, image, source_size))
         return "stop", "", got_frames

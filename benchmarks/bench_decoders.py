@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""CPU cost of one 1080p25 H.264 camera: OpenCV's decoder in the daemon's process vs an FFmpeg
+child process that scales in the decoder.
+
+Both decode the same clip as fast as they can on one decoder thread (``sources.decoder_threads``'s
+default) and deliver what the scheduler letterboxes: OpenCV a 1920x1080 BGR frame that preprocess
+then resizes to 640x360, the child a 640x360 BGR frame read from its pipe (no resize left).
+CPU is user + system time of this process and its children (getrusage), per frame and as the
+share of one core a 25 frames/s camera costs.
+
+    .venv/bin/python benchmarks/bench_decoders.py [--seconds 8] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamd.config import CameraConfig, SourceDefaults  # noqa: E402
+from streamd.pipeline.sources.child import ChildCapture  # noqa: E402
+from streamd.pipeline.sources.presets import DecoderChoice  # noqa: E402
+
+FIT = (640, 640)
+
+
+def cpu_now() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def make_clip(seconds: int) -> Path:
+    out = ROOT / ".cache" / "bench" / f"cam-1080p25-{seconds}s.mp4"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # A moving test pattern with noise: frames that change like a real scene's do.
+        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=size=1920x1080:rate=25:duration={seconds},noise=alls=12:allf=t",
+                        "-c:v", "libx264", "-preset", "veryfast", "-g", "50", "-b:v", "4M", "-pix_fmt", "yuv420p",
+                        str(out)], check=True, timeout=600)
+    return out
+
+
+def run_opencv(clip: Path) -> tuple[int, float, float]:
+    cap = cv2.VideoCapture(str(clip), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    cpu0, t0, n = cpu_now(), time.monotonic(), 0
+    while cap.grab():
+        ok, img = cap.retrieve()
+        h, w = img.shape[:2]
+        g = min(FIT[0] / w, FIT[1] / h)
+        cv2.resize(img, (round(w * g), round(h * g)), interpolation=cv2.INTER_LINEAR)   # preprocess's resize
+        n += 1
+    cap.release()
+    return n, cpu_now() - cpu0, time.monotonic() - t0
+
+
+def run_child(clip: Path) -> tuple[int, float, float]:
+    cam = CameraConfig(id="bench", url=str(clip), realtime=False)
+    cpu0, t0, n = cpu_now(), time.monotonic(), 0
+    child = ChildCapture(cam, SourceDefaults(decoder_threads=1), DecoderChoice("ffmpeg", "none", FIT))
+    if not child.open(30):
+        raise SystemExit(f"ffmpeg did not start: {child.error}")
+    while child.grab():
+        child.retrieve()
+        n += 1
+    child.release()
+    return n, cpu_now() - cpu0, time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=8, help="clip length (25 frames/s)")
+    ap.add_argument("--record", action="store_true", help="append the table row to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    cv2.setNumThreads(1)
+    clip = make_clip(args.seconds)
+    rows = []
+    for name, fn in (("OpenCV in process + resize", run_opencv), ("FFmpeg child, scaled in decoder", run_child)):
+        n, cpu, wall = fn(clip)
+        rows.append((name, n, cpu / n * 1000, cpu / n * 25 * 100, n / wall))
+    base = rows[0][2]
+    date = datetime.date.today().isoformat()
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    cpu_name = f"{os.cpu_count()} x {model or platform.machine()}"
+    lines = [f"| {date} | {cpu_name} | {name} | {n} | {ms:.2f} | {pct:.0f}% | {fps:.0f} | "
+             f"{'ref' if i == 0 else f'{(ms / base - 1) * 100:+.0f}% CPU'} |"
+             for i, (name, n, ms, pct, fps) in enumerate(rows)]
+    print("| date | machine | decoder | frames | CPU ms/frame | CPU of one core at 25 fps | frames/s | vs OpenCV |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    if args.record:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
