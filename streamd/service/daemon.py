@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends import backend_for
 from ..backends.pool import BackendPool, open_pool
@@ -32,6 +32,7 @@ from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
+from .doors import open_fleet_door
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
@@ -39,6 +40,9 @@ from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
+
+if TYPE_CHECKING:
+    from .redis_requests import RedisRequestDoor
 
 log = logging.getLogger("streamd.daemon")
 
@@ -96,11 +100,13 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
+        self.fleet_requests: RedisRequestDoor | None = None    # the Redis front door (requests.redis)
         self.outputs: list[Output] = []          # broker outputs (MQTT, Redis Streams) beside ZeroMQ
         self._next_output_stats = 0.0
         # The scheduler's second input; front doors (the ROUTER socket) feed it.
-        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) if cfg.requests.enabled \
-            else None
+        fleet_on = cfg.requests.redis is not None and cfg.requests.redis.enabled
+        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) \
+            if cfg.requests.enabled or fleet_on else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
@@ -111,14 +117,20 @@ class Daemon:
             self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results)
-            if self.request_queue is not None:
+            if self.request_queue is not None and cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
+            if fleet_on:
+                # Default prefetch: a full batch for every worker, so each box pulls what it can run.
+                self.fleet_requests = open_fleet_door(
+                    cfg.requests, self.request_queue, self.backend.info.names, lambda: self.pipeline.params,
+                    cfg.publisher.name or self.publisher.host, self.pipeline.max_batch * self.backend.layout.workers)
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
-                if self.request_server is not None:
-                    registry.register(self.request_server.metrics)
+                for door in (self.request_server, self.fleet_requests):
+                    if door is not None:
+                        registry.register(door.metrics)
                 if self.outputs:
                     registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
@@ -214,6 +226,8 @@ class Daemon:
         if self.request_server is not None:
             self.request_server.start()
         self.pipeline.start()
+        if self.fleet_requests is not None:
+            self.fleet_requests.start()
         for cam in self.cfg.cameras:
             if cam.enabled:
                 self._start_camera(cam, self.cfg)
@@ -235,7 +249,8 @@ class Daemon:
             for out in self.outputs:
                 out.offer(msg)
         err = self.pipeline.first_error() or self.publisher.error or \
-            (self.request_server.error if self.request_server is not None else None)
+            (self.request_server.error if self.request_server is not None else None) or \
+            (self.fleet_requests.error if self.fleet_requests is not None else None)
         if err is not None:
             raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
 
@@ -304,7 +319,11 @@ class Daemon:
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
         if self.request_server is not None:
             self.request_server.stop_accepting()
+        if self.fleet_requests is not None:
+            self.fleet_requests.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        if self.fleet_requests is not None:   # hands back to the fleet what it holds unanswered
+            self.fleet_requests.close(max(0.5, min(3.0, deadline - time.monotonic())))
         if self.request_server is not None:
             # The pipeline drained: whatever is still waiting gets its answer now.
             self.request_server.fail_all_pending("the daemon is shutting down")
@@ -323,6 +342,8 @@ class Daemon:
         threads = [*self.cameras.values(), *self.pipeline.threads, self.publisher]
         if self.request_server is not None:
             threads.append(self.request_server)
+        if self.fleet_requests is not None:
+            threads += self.fleet_requests.threads
         alive = [t.name for t in threads if t.is_alive() and t.name not in blocked]
         if alive:
             log.warning("threads still running after shutdown: %s", ", ".join(alive))
