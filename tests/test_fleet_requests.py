@@ -5,6 +5,7 @@ consumer taken over."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -123,6 +124,32 @@ def test_two_daemons_share_500_tasks_and_one_killed_mid_run_loses_none(
     assert int(consumers(r)["box-a-%d" % daemons[0].pid]["pending"]) == 0
     print(f"box-a answered {taken_by_a} before the kill with {held_by_a} in hand; box-b the rest")
     assert daemons[1].stop() == 0
+    client.close()
+
+
+@pytest.mark.slow
+def test_a_daemon_stopped_with_tasks_in_hand_hands_them_back_to_the_fleet(
+        fall_onnx_320: Path, small_jpegs, box_factory, redis_factory) -> None:  # noqa: F811
+    server = redis_factory()
+    r = redis.Redis.from_url(server.url)
+    # A long reclaim time: what box-a held can only reach box-b in time by being handed back.
+    a, b = (box_factory(fleet_config(fall_onnx_320, server.url, name, reclaim_idle_s=600, prefetch=12))
+            for name in ("box-a", "box-b"))
+    wait_until(lambda: len(consumers(r)) == 2, 90, what="both daemons to join the group")
+    client = FleetClient(server.url, STREAM)
+    tasks = [client.submit(small_jpegs[i % 2], request_id=i) for i in range(60)]
+    seen: Counter[str] = Counter()
+    collect_answers(client, 10, time.monotonic() + 60, seen, a)
+    held = int(consumers(r)[f"box-a-{a.pid}"]["pending"])
+    assert a.stop() == 0
+    assert int(consumers(r)[f"box-a-{a.pid}"]["pending"]) == 0, "box-a stopped with tasks still in its name"
+    collect_answers(client, 60, time.monotonic() + 90, seen, b)
+    assert set(seen) == set(tasks) and max(seen.values()) == 1, b.log()[-2000:]
+    # One worker runs at most max_batch (4) at a time: the rest of what it held was waiting.
+    handed_back = int(re.search(r"handed_back=(\d+)", a.log()).group(1))
+    assert held > 4 and handed_back >= 1 and r.xlen(STREAM) == 0
+    print(f"box-a held {held} when stopped, handed back {handed_back}")
+    assert b.stop() == 0
     client.close()
 
 

@@ -158,6 +158,12 @@ class RedisRequestDoor:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            unsaid = len(self._held)
+        counts = self.metrics.counts()
+        log.info("redis requests stopped", extra={"answered": counts.get("completed", 0) + counts.get("failed", 0),
+                                                  "handed_back": counts.get("handed_back", 0),
+                                                  "left_to_reclaim": unsaid})
 
     # ---- shared by both threads -------------------------------------------------------------------
     def _guarded(self, loop: Callable[[redis.Redis], None]) -> None:
