@@ -135,6 +135,8 @@ class RedisRequestsConfig(PasswordSource):
                                  "(default: scheduler.max_batch, capped by the model's)")
     reclaim_idle_s: float = Field(30, ge=0.5, le=86400, description="a task a consumer has held this long "
                                   "without renewing it (its daemon died) is taken over by another")
+    max_deliveries: int = Field(5, ge=1, le=1000, description="a task taken over this many times is answered "
+                                "with an error instead (a picture that stops every daemon that takes it)")
     backoff_initial_s: float = Field(1, gt=0, le=600)
     backoff_max_s: float = Field(30, gt=0, le=3600)
 

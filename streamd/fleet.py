@@ -88,3 +88,20 @@ if #e == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
 return 1
 """
+
+# KEYS: stream. ARGV: group, idle milliseconds, the caller's own consumer name. Removes from
+# the group the consumers that hold nothing and were idle that long (daemons that stopped:
+# every daemon joins under a name of its own), never one holding a task, whose task the
+# group would otherwise forget. Returns how many were removed.
+PRUNE_SCRIPT = """
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"""

@@ -201,6 +201,11 @@ def test_tasks_of_a_dead_consumer_are_taken_over_after_the_idle_time_and_bad_tas
     # A consumer that takes three tasks and is never heard of again.
     taken = r.xreadgroup("streamd", "gone-box", {STREAM: ">"}, count=3)
     assert len(taken[0][1]) == 3
+    # A picture that every daemon taking it died on: delivered five times already.
+    poison = client.submit(small_jpegs[1], request_id="poison")
+    poison_entry = r.xreadgroup("streamd", "gone-1", {STREAM: ">"}, count=1)[0][1][0][0]
+    for k in range(2, 6):
+        r.xclaim(STREAM, "streamd", f"gone-{k}", 0, [poison_entry])
     taken_at = time.monotonic()
 
     d = daemon_factory(fleet_config(fall_onnx_320, url, "edge", reclaim_idle_s=3))
@@ -212,8 +217,10 @@ def test_tasks_of_a_dead_consumer_are_taken_over_after_the_idle_time_and_bad_tas
     fresh = client.submit(small_jpegs[0], request_id="fresh")
     seen: Counter[str] = Counter()
     answered_at: dict[str, float] = {}
-    collect_answers(client, 6, time.monotonic() + 90, seen, d, answered_at)
-    assert set(seen) == {*orphans, bad_image, "bad-header", fresh} and max(seen.values()) == 1, d.log()[-2000:]
+    collect_answers(client, 7, time.monotonic() + 90, seen, d, answered_at)
+    assert set(seen) == {*orphans, poison, bad_image, "bad-header", fresh} and max(seen.values()) == 1, \
+        d.log()[-2000:]
+    assert "given up after 5 daemons" in client.answer(poison)["error"]
     assert client.answer(fresh)["type"] == "result"
     for t in orphans:
         assert client.answer(t)["type"] == "result"
@@ -221,6 +228,10 @@ def test_tasks_of_a_dead_consumer_are_taken_over_after_the_idle_time_and_bad_tas
     assert "image" in client.answer(bad_image)["error"] and client.answer(bad_image)["request_id"] == "bad-image"
     assert "colour" in client.answer("bad-header")["error"]
     assert int(consumers(r)["gone-box"]["pending"]) == 0 and r.xlen(STREAM) == 0
+    # The names of stopped daemons that hold nothing are removed from the group (idle 0 here).
+    me = f"edge-{d.pid}"
+    assert r.register_script(fleet.PRUNE_SCRIPT)(keys=[STREAM], args=["streamd", 0, me]) == 6
+    assert list(consumers(r)) == [me]
     assert d.stop() == 0
     assert password not in d.log() and "edge" in d.log()
     client.close()

@@ -44,6 +44,8 @@ from .requests import PROTOCOL_VERSION, RequestHeader
 
 log = logging.getLogger("streamd.requests.redis")
 
+DELIVERIES = b"\0deliveries"   # set on a reclaimed entry's fields here; no field a submitter can send
+PRUNE_EVERY_S = 300.0   # how often stopped daemons' names are removed from the group
 BLOCK_MS = 200          # one XREADGROUP waits this long for new tasks; the stop is seen as often
 TIMEOUT_S = 5.0         # socket timeout of every other command
 
@@ -215,8 +217,10 @@ class RedisRequestDoor:
     # ---- the puller -------------------------------------------------------------------------------
     def _pull_loop(self, conn: redis.Redis) -> None:
         renew = conn.register_script(fleet.RENEW_SCRIPT)
+        prune = conn.register_script(fleet.PRUNE_SCRIPT)
         every = min(10.0, max(0.25, self.cfg.reclaim_idle_s / 4))
         next_renew = next_reclaim = next_expiry = 0.0
+        next_prune = time.monotonic() + PRUNE_EVERY_S
         while not self.stop_event.is_set():
             now = time.monotonic()
             if now >= next_expiry:
@@ -235,6 +239,10 @@ class RedisRequestDoor:
             if room > 0 and now >= next_reclaim:
                 next_reclaim = now + every
                 room -= self._reclaim(conn, room)
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY_S
+                prune(keys=[self.cfg.stream], args=[self.cfg.group, int(self._prune_idle_s() * 1000), self.consumer],
+                      client=conn)
             if room <= 0:
                 self._room.wait(0.1)
                 self._room.clear()
@@ -242,6 +250,10 @@ class RedisRequestDoor:
             got = conn.xreadgroup(self.cfg.group, self.consumer, {self.cfg.stream: ">"}, count=room, block=BLOCK_MS)
             for _, entries in got or ():
                 self._take(entries, "pulled")
+
+    def _prune_idle_s(self) -> float:
+        # Well past any reclaim: a name idle this long and holding nothing belongs to no running daemon.
+        return max(3600.0, 10 * self.cfg.reclaim_idle_s)
 
     def _room_left(self) -> int:
         with self._lock:
@@ -257,7 +269,15 @@ class RedisRequestDoor:
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:   # gone from the stream (trimmed by someone else): nothing left to answer
             conn.xack(self.cfg.stream, self.cfg.group, *deleted)
-        return self._take([(eid, f) for eid, f in reply[1] if f is not None], "reclaimed")
+        entries = [(eid, f) for eid, f in reply[1] if f is not None]
+        if entries:
+            # Delivery counts come only from XPENDING; needed for the rare reclaimed task alone.
+            pipe = conn.pipeline(transaction=False)
+            for eid, _ in entries:
+                pipe.xpending_range(self.cfg.stream, self.cfg.group, min=eid, max=eid, count=1)
+            for (eid, fields), pending in zip(entries, pipe.execute()):
+                fields[DELIVERIES] = str(pending[0]["times_delivered"] if pending else 1).encode()
+        return self._take(entries, "reclaimed")
 
     def _take(self, entries: list[tuple[bytes, dict[bytes, bytes]]], how: str) -> int:
         taken = 0
@@ -270,7 +290,9 @@ class RedisRequestDoor:
                 self._held[tid] = Held(entry_id, fields.get(b"reply_to", b"").decode(errors="replace"))
             taken += 1
             self.metrics.inc(how)
-            req_or_error = self._request(tid, fields)
+            deliveries = int(fields.get(DELIVERIES, b"1"))
+            req_or_error = self._request(tid, fields) if deliveries <= self.cfg.max_deliveries else \
+                f"given up after {deliveries - 1} daemons took this task and stopped before answering it"
             if isinstance(req_or_error, Request):
                 if not self.queue.offer(req_or_error) and self._mark_answered(tid):
                     # Another front door filled the queue meanwhile: back to the fleet, not an error.
