@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench import _free_port, default_model  # noqa: E402 - same model and helpers as bench.py
+from bench import _free_port, default_model, spawn, stop, stop_all  # noqa: E402 - same model and helpers
 
 from streamd.client.detect import DetectClient, detect_many  # noqa: E402
 from streamd.client.redis_detect import FleetClient, detect_many_fleet  # noqa: E402
@@ -42,8 +42,7 @@ def start_daemon(tmp: Path, name: str, model: Path, extra: dict[str, Any]) -> su
         "scheduler": {"max_batch": 4, "autotune_s": 0},
         "publisher": {"endpoint": f"tcp://127.0.0.1:{_free_port()}", "name": name},
         "metrics": {"enabled": False}, "log": {"level": "warning"}, "cameras": [], **extra}))
-    return subprocess.Popen([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)],
-                            stdout=open(tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return spawn([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)], tmp / f"{name}.log")
 
 
 def timed(run: Any, pictures: list[Path], warm: list[Path]) -> float:
@@ -78,9 +77,8 @@ def main() -> int:
         tmp = Path(tmp_name)
         port = _free_port()
         url = f"redis://127.0.0.1:{port}/0"
-        server = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", tmp_name], stdout=subprocess.DEVNULL,
-                                  start_new_session=True)
+        spawn([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", tmp_name], tmp / "redis.log")
         daemons: list[subprocess.Popen[bytes]] = []
         try:
             req_ep = f"tcp://127.0.0.1:{_free_port()}"
@@ -89,7 +87,7 @@ def main() -> int:
             client = DetectClient(req_ep)
             rows.append(("ZeroMQ ROUTER, 1 daemon", timed(lambda p: detect_many(client, p, 300), pictures, warm)))
             client.close()
-            stop(daemons)
+            stop_daemons(daemons)
             for n in (1, 2):
                 stream = f"bench:{n}"
                 fleet = {"requests": {"redis": {"url": url, "stream": stream, "max_queued": args.tasks + 16}}}
@@ -99,11 +97,9 @@ def main() -> int:
                 rows.append((f"Redis stream, {n} daemon{'s' if n > 1 else ''}",
                              timed(lambda p: detect_many_fleet(fc, p, 300), pictures, warm)))
                 fc.close()
-                stop(daemons)
+                stop_daemons(daemons)
         finally:
-            stop(daemons)
-            server.terminate()
-            server.wait(10)
+            stop_all()
     for label, rate in rows:
         print(f"{label:28s} {rate:6.1f} tasks/s", flush=True)
     if args.record:
@@ -132,17 +128,10 @@ def wait_for_consumers(fc: FleetClient, stream: str, n: int, timeout_s: float = 
     raise SystemExit(f"{n} daemon(s) did not join within {timeout_s:g}s")
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each daemon by its PID and wait for it (a clean stop hands back held tasks)."""
+def stop_daemons(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each daemon by its PID and wait (a clean stop hands back the tasks it holds)."""
     while procs:
-        p = procs.pop()
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop(procs.pop())
 
 
 if __name__ == "__main__":
