@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -225,6 +226,11 @@ def test_tasks_of_a_dead_consumer_are_taken_over_after_the_idle_time_and_bad_tas
     for t in orphans:
         assert client.answer(t)["type"] == "result"
         assert answered_at[t] - taken_at >= 3.0, "taken over before the consumer was idle for reclaim_idle_s"
+    port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", d.log()).group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    for outcome, n in (("reclaimed", 4), ("pulled", 3), ("completed", 4), ("failed", 3), ("rejected", 3)):
+        assert f'streamd_fleet_requests_total{{outcome="{outcome}"}} {n}.0' in text, outcome
     assert "image" in client.answer(bad_image)["error"] and client.answer(bad_image)["request_id"] == "bad-image"
     assert "colour" in client.answer("bad-header")["error"]
     assert int(consumers(r)["gone-box"]["pending"]) == 0 and r.xlen(STREAM) == 0

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import zmq
 
+from ..redact import redact_url, scrub
+
 
 @dataclass
 class Job:
@@ -112,7 +114,12 @@ def run_detect(paths: list[str], endpoint: str, priority: int, conf: float | Non
         print(f"streamd detect: error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     if redis_url is not None:
-        jobs = _detect_through_redis(files, redis_url, stream, client_id, timeout_s, priority, conf)
+        import redis
+        try:
+            jobs = _detect_through_redis(files, redis_url, stream, client_id, timeout_s, priority, conf)
+        except redis.RedisError as exc:
+            print(f"streamd detect: error: redis at {redact_url(redis_url)}: {scrub(str(exc))}", file=sys.stderr)
+            return 1
     else:
         client = DetectClient(endpoint, client_id)
         try:

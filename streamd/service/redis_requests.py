@@ -185,6 +185,12 @@ class RedisRequestDoor:
                     attempts, warned = 0, False
                     loop(conn)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if self.stop_event.is_set():
+                        # Stopping with Redis away: what is left stays pending there, and the
+                        # other daemons take it over after reclaim_idle_s.
+                        log.warning("redis requests: stopping without redis; unanswered tasks are left to "
+                                    "the fleet", extra={"reason": scrub(str(exc))})
+                        return
                     if not warned:
                         log.warning("redis requests: connection lost; reconnecting",
                                     extra={"url": redact_url(self.cfg.url), "reason": scrub(str(exc))})
