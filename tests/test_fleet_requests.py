@@ -271,3 +271,20 @@ def test_fleet_config_errors_name_field_and_line_and_never_the_password(tmp_path
     cfg = parse_config(text.replace("http://", "redis://").replace("0.1", "5"), "fleet.yaml", base_dir=tmp_path)
     assert cfg.requests.redis is not None and cfg.requests.redis.reclaim_idle_s == 5
     assert not cfg.requests.enabled        # the ZeroMQ door stays off: the Redis door alone is enough
+
+
+@pytest.mark.slow
+def test_a_refused_password_is_said_without_the_password_and_the_cameras_keep_running(
+        fall_onnx_320: Path, test_media, daemon_factory, collector_factory, redis_factory) -> None:  # noqa: F811
+    server = redis_factory(requirepass="the-right-one")
+    wrong = "wrong-Pass-77"
+    cfg = fleet_config(fall_onnx_320, server.url.replace("redis://", f"redis://:{wrong}@"), "edge")
+    cfg["cameras"] = [{"id": "bus", "url": str(test_media["bus"].mp4), "loop": True, "fps": 4}]
+    d = daemon_factory(cfg)
+    pub = collector_factory(cfg["publisher"]["endpoint"], [b"cam/"])
+    wait_until(lambda: "redis requests: not working" in d.log() or d.proc.poll() is not None, 90,
+               what="the refusal in the log")
+    pub.wait_for(lambda m: m["type"] == "detections" and m["detections"], 60, "detections from the camera")
+    assert d.proc.poll() is None and "AuthenticationError" in d.log()
+    assert d.stop() == 0
+    assert wrong not in d.log()

@@ -169,8 +169,9 @@ class RedisRequestDoor:
 
     # ---- shared by both threads -------------------------------------------------------------------
     def _guarded(self, loop: Callable[[redis.Redis], None]) -> None:
-        """Runs ``loop`` on a fresh connection; reconnects with capped backoff while Redis is
-        away. Anything else is a bug: recorded for the supervisor."""
+        """Runs ``loop`` on a fresh connection; while Redis is away or refuses (a wrong password,
+        the stream key holding another type) it says so once and retries with capped backoff,
+        so the cameras keep running. Anything else is a bug: recorded for the supervisor."""
         attempts, warned = 0, False
         try:
             while not self._finished():
@@ -184,7 +185,7 @@ class RedisRequestDoor:
                         log.info("redis requests: connected again", extra={"url": redact_url(self.cfg.url)})
                     attempts, warned = 0, False
                     loop(conn)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except redis.RedisError as exc:
                     if self.stop_event.is_set():
                         # Stopping with Redis away: what is left stays pending there, and the
                         # other daemons take it over after reclaim_idle_s.
@@ -192,8 +193,8 @@ class RedisRequestDoor:
                                     "the fleet", extra={"reason": scrub(str(exc))})
                         return
                     if not warned:
-                        log.warning("redis requests: connection lost; reconnecting",
-                                    extra={"url": redact_url(self.cfg.url), "reason": scrub(str(exc))})
+                        log.warning("redis requests: not working; retrying", extra={
+                            "url": redact_url(self.cfg.url), "error": type(exc).__name__, "reason": scrub(str(exc))})
                         warned = True
                     delay = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** min(attempts, 16))
                     attempts += 1
@@ -370,7 +371,7 @@ class RedisRequestDoor:
                                         self.cfg.group, held.entry_id, tid], client=conn)
                     self.metrics.inc(("failed" if body["type"] == "error" else "completed") if fresh
                                      else "duplicate")
-            except (redis.ConnectionError, redis.TimeoutError):
+            except redis.RedisError:
                 # Not stored: tried again on the next connection (the script is idempotent).
                 self._outbox.put((what, tid, body))
                 raise
