@@ -216,12 +216,12 @@ def test_tasks_of_a_dead_consumer_are_taken_over_after_the_idle_time_and_bad_tas
     # A consumer that takes three tasks and is never heard of again.
     taken = r.xreadgroup("streamd", "gone-box", {STREAM: ">"}, count=3)
     assert len(taken[0][1]) == 3
+    taken_at = time.monotonic()        # just after Redis handed them out: their idle time starts here
     # A picture that every daemon taking it died on: delivered five times already.
     poison = client.submit(small_jpegs[1], request_id="poison")
     poison_entry = r.xreadgroup("streamd", "gone-1", {STREAM: ">"}, count=1)[0][1][0][0]
     for k in range(2, 6):
         r.xclaim(STREAM, "streamd", f"gone-{k}", 0, [poison_entry])
-    taken_at = time.monotonic()
 
     d = daemon_factory(fleet_config(fall_onnx_320, url, "edge", reclaim_idle_s=3))
     bad_image = client.submit(b"not a picture", request_id="bad-image")
