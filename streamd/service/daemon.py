@@ -128,9 +128,8 @@ class Daemon:
                     cfg.publisher.name or self.publisher.host, self.pipeline.max_batch * self.backend.layout.workers)
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
-                for door in (self.request_server, self.fleet_requests):
-                    if door is not None:
-                        registry.register(door.metrics)
+                for door in self._doors():
+                    registry.register(door.metrics)
                 if self.outputs:
                     registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
@@ -148,6 +147,10 @@ class Daemon:
     def _make_pipeline(self, backend: BackendPool, cfg: Config, params: PostprocessParams) -> Pipeline:
         return Pipeline(backend, cfg.scheduler, params, self.output, on_frame_dropped=self._on_frame_dropped,
                         queues=self.queues, requests=self.request_queue, request_share=cfg.requests.share)
+
+    def _doors(self) -> list[RequestServer | RedisRequestDoor]:
+        """The request front doors configured (the ZeroMQ socket, the fleet's Redis stream)."""
+        return [d for d in (self.request_server, self.fleet_requests) if d is not None]
 
     # ---- callbacks from stage threads ---------------------------------------------------------
     def _camera_settings(self, camera_id: str) -> CameraConfig | None:
@@ -249,8 +252,7 @@ class Daemon:
             for out in self.outputs:
                 out.offer(msg)
         err = self.pipeline.first_error() or self.publisher.error or \
-            (self.request_server.error if self.request_server is not None else None) or \
-            (self.fleet_requests.error if self.fleet_requests is not None else None)
+            next((door.error for door in self._doors() if door.error is not None), None)
         if err is not None:
             raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
 
@@ -317,10 +319,8 @@ class Daemon:
         self.queues.wake_all()
         for cam in self.cameras.values():
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
-        if self.request_server is not None:
-            self.request_server.stop_accepting()
-        if self.fleet_requests is not None:
-            self.fleet_requests.stop_accepting()
+        for door in self._doors():
+            door.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
         if self.fleet_requests is not None:   # hands back to the fleet what it holds unanswered
             self.fleet_requests.close(max(0.5, min(3.0, deadline - time.monotonic())))
