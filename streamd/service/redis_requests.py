@@ -35,7 +35,7 @@ from prometheus_client.core import Metric
 from pydantic import ValidationError
 
 from .. import fleet
-from ..config import RedisRequestsConfig, RequestsConfig
+from ..config import CAMERA_ID, RedisRequestsConfig, RequestsConfig
 from ..entities import Request, RequestResult
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.requests import RequestQueue
@@ -326,6 +326,9 @@ class RedisRequestDoor:
             return f"header field '{where}': {'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
         if header.v != PROTOCOL_VERSION:
             return f"protocol version {header.v} is not supported (this daemon speaks {PROTOCOL_VERSION})"
+        if header.client_id is not None and not CAMERA_ID.match(header.client_id):
+            # It names a topic on the PUB socket and the brokers.
+            return "header field 'client_id': must be 1-64 characters of letters, digits, '_', '.', '-'"
         if header.classes is not None and any(c not in self._names for c in header.classes):
             return f"header field 'classes': the model's classes are {sorted(self._names)}"
         data = fields.get(b"image", b"")
