@@ -26,7 +26,8 @@ from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
 from .config_outputs import (HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig,  # noqa: F401
-                             OutputsConfig, PasswordSource, RedisOutputConfig, resolve_output_secrets)
+                             OutputsConfig, PasswordSource, RedisOutputConfig, RedisRequestsConfig,
+                             resolve_broker_secrets, resolve_output_secrets)
 from .thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -267,6 +268,8 @@ class RequestsConfig(StrictModel):
     max_image_bytes: int = Field(20_000_000, ge=1000)
     max_pixels: int = Field(50_000_000, ge=1000)
     timeout_s: float = Field(30, gt=0, description="an accepted request not inferred by then gets an error")
+    redis: RedisRequestsConfig | None = Field(None, description="also take requests from a Redis stream "
+                                              "shared by a fleet of daemons (docs/FLEET.md)")
 
     @field_validator("endpoint")
     @classmethod
@@ -347,6 +350,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
     cfg = cfg.model_copy(update={"outputs": resolve_output_secrets(cfg.outputs, source, base_dir, lines,
                                                                     check_files)})
+    if cfg.requests.redis is not None:
+        fleet = resolve_broker_secrets(cfg.requests.redis, ("requests", "redis"), source, base_dir, lines, check_files)
+        cfg = cfg.model_copy(update={"requests": cfg.requests.model_copy(update={"redis": fleet})})
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and check_files and cam.enabled:
             path = cam.url[len("file://"):] if cam.url.startswith("file://") else cam.url

@@ -41,7 +41,7 @@ class Frame:
 
 
 class ReplyChannel(Protocol):
-    """The front door a request came through (ZeroMQ ROUTER today; HTTP, Redis later): it
+    """The front door a request came through (the ZeroMQ ROUTER, the fleet's Redis stream): it
     answers its own clients. Every accepted request is answered exactly once, so both
     calls are ignored (``answer`` returns False) for a request already answered."""
 

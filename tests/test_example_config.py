@@ -22,7 +22,8 @@ ENV = {"DOOR_PASSWORD": "pw-door", "YARD_PASSWORD": "pw-yard", "MQTT_PASSWORD": 
 NOT_SHOWN = {"scheduler.pipeline_depth": "no longer used",
              # one of the two per output: the example shows each on a different output
              "outputs.mqtt.password_file": "instead of password",
-             "outputs.redis.password": "instead of password_file"}
+             "outputs.redis.password": "instead of password_file",
+             "requests.redis.password": "instead of password_file"}
 # A commented-out key is "# " followed by the YAML line as it would be written: a key at the
 # start (prose in comments never starts with "word:").
 _COMMENTED_KEY = re.compile(r"^(\s*)# (\s*(?:- )?[a-z_]+:(?: |$).*)$")

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import zmq
 
+from ..redact import redact_url, scrub
+
 
 @dataclass
 class Job:
@@ -103,17 +105,27 @@ def detect_many(client: DetectClient, paths: list[Path], timeout_s: float, prior
 
 
 def run_detect(paths: list[str], endpoint: str, priority: int, conf: float | None, out_dir: str | None,
-               timeout_s: float, as_json: bool, client_id: str | None, out: TextIO = sys.stdout) -> int:
+               timeout_s: float, as_json: bool, client_id: str | None, out: TextIO = sys.stdout,
+               redis_url: str | None = None, stream: str = "streamd:requests") -> int:
+    """``redis_url``: submit through the fleet's Redis stream instead of one daemon's socket."""
     files = [Path(p) for p in paths]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         print(f"streamd detect: error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    client = DetectClient(endpoint, client_id)
-    try:
-        jobs = detect_many(client, files, timeout_s, priority=priority, conf=conf)
-    finally:
-        client.close()
+    if redis_url is not None:
+        import redis
+        try:
+            jobs = _detect_through_redis(files, redis_url, stream, client_id, timeout_s, priority, conf)
+        except redis.RedisError as exc:
+            print(f"streamd detect: error: redis at {redact_url(redis_url)}: {scrub(str(exc))}", file=sys.stderr)
+            return 1
+    else:
+        client = DetectClient(endpoint, client_id)
+        try:
+            jobs = detect_many(client, files, timeout_s, priority=priority, conf=conf)
+        finally:
+            client.close()
     failed = 0
     for j in jobs:
         if j.result is None:
@@ -134,6 +146,16 @@ def run_detect(paths: list[str], endpoint: str, priority: int, conf: float | Non
         if out_dir:
             _write_annotated(j, Path(out_dir))
     return 1 if failed else 0
+
+
+def _detect_through_redis(files: list[Path], url: str, stream: str, client_id: str | None, timeout_s: float,
+                          priority: int, conf: float | None) -> list[Job]:
+    from .redis_detect import FleetClient, detect_many_fleet   # redis-py is optional: only for --redis
+    fleet = FleetClient(url, stream, client_id=client_id)
+    try:
+        return detect_many_fleet(fleet, files, timeout_s, priority=priority, conf=conf)
+    finally:
+        fleet.close()
 
 
 def _write_annotated(job: Job, folder: Path) -> None:

@@ -1,9 +1,9 @@
 """The scheduler's second input: on-demand requests waiting for a batch.
 
-Transport-agnostic: every front door (the ZeroMQ ROUTER in ``streamd.service.requests``
-today) offers ``Request`` records here, and the batch policy takes them beside the
-cameras' ring queues. The queue shares the cameras' Condition, so a free worker wakes
-for a request as it does for a frame.
+Transport-agnostic: every front door (the ZeroMQ ROUTER in ``streamd.service.requests``, the
+Redis stream a fleet shares in ``streamd.service.redis_requests``) offers ``Request`` records
+here, and the batch policy takes them beside the cameras' ring queues. The queue shares the
+cameras' Condition, so a free worker wakes for a request as it does for a frame.
 """
 
 from __future__ import annotations

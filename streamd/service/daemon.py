@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.choice import open_model_pool
 from ..backends.pool import BackendPool
@@ -34,6 +34,7 @@ from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..pipeline.sources.select import choose
 from ..redact import scrub
+from .doors import open_fleet_door
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
@@ -41,6 +42,9 @@ from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
+
+if TYPE_CHECKING:
+    from .redis_requests import RedisRequestDoor
 
 log = logging.getLogger("streamd.daemon")
 
@@ -98,11 +102,13 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
+        self.fleet_requests: RedisRequestDoor | None = None    # the Redis front door (requests.redis)
         self.outputs: list[Output] = []          # broker outputs (MQTT, Redis Streams) beside ZeroMQ
         self._next_output_stats = 0.0
         # The scheduler's second input; front doors (the ROUTER socket) feed it.
-        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) if cfg.requests.enabled \
-            else None
+        fleet_on = cfg.requests.redis is not None and cfg.requests.redis.enabled
+        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) \
+            if cfg.requests.enabled or fleet_on else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
@@ -113,14 +119,19 @@ class Daemon:
             self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results, objects=TrackedObjects(cfg))
-            if self.request_queue is not None:
+            if self.request_queue is not None and cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
+            if fleet_on:
+                # Default prefetch: a full batch for every worker, so each box pulls what it can run.
+                self.fleet_requests = open_fleet_door(
+                    cfg.requests, self.request_queue, self.backend.info.names, lambda: self.pipeline.params,
+                    cfg.publisher.name or self.publisher.host, self.pipeline.max_batch * self.backend.layout.workers)
             if cfg.metrics.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
-                if self.request_server is not None:
-                    registry.register(self.request_server.metrics)
+                for door in self._doors():
+                    registry.register(door.metrics)
                 if self.outputs:
                     registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
                 self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
@@ -138,6 +149,10 @@ class Daemon:
     def _make_pipeline(self, backend: BackendPool, cfg: Config, params: PostprocessParams) -> Pipeline:
         return Pipeline(backend, cfg.scheduler, params, self.output, on_frame_dropped=self._on_frame_dropped,
                         queues=self.queues, requests=self.request_queue, request_share=cfg.requests.share)
+
+    def _doors(self) -> list[RequestServer | RedisRequestDoor]:
+        """The request front doors configured (the ZeroMQ socket, the fleet's Redis stream)."""
+        return [d for d in (self.request_server, self.fleet_requests) if d is not None]
 
     # ---- callbacks from stage threads ---------------------------------------------------------
     def _camera_settings(self, camera_id: str) -> CameraConfig | None:
@@ -217,6 +232,8 @@ class Daemon:
         if self.request_server is not None:
             self.request_server.start()
         self.pipeline.start()
+        if self.fleet_requests is not None:
+            self.fleet_requests.start()
         for cam in self.cfg.cameras:
             if cam.enabled:
                 self._start_camera(cam, self.cfg)
@@ -238,7 +255,7 @@ class Daemon:
             for out in self.outputs:
                 out.offer(msg)
         err = self.pipeline.first_error() or self.publisher.error or \
-            (self.request_server.error if self.request_server is not None else None)
+            next((door.error for door in self._doors() if door.error is not None), None)
         if err is not None:
             raise StreamdError(f"a pipeline stage failed: {type(err).__name__}: {err}")
 
@@ -306,9 +323,11 @@ class Daemon:
         self.queues.wake_all()
         for cam in self.cameras.values():
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
-        if self.request_server is not None:
-            self.request_server.stop_accepting()
+        for door in self._doors():
+            door.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        if self.fleet_requests is not None:   # hands back to the fleet what it holds unanswered
+            self.fleet_requests.close(max(0.5, min(3.0, deadline - time.monotonic())))
         self.output.close()   # the objects still alive end, before the transports close
         if self.request_server is not None:
             # The pipeline drained: whatever is still waiting gets its answer now.
@@ -328,6 +347,8 @@ class Daemon:
         threads = [*self.cameras.values(), *self.pipeline.threads, self.publisher]
         if self.request_server is not None:
             threads.append(self.request_server)
+        if self.fleet_requests is not None:
+            threads += self.fleet_requests.threads
         alive = [t.name for t in threads if t.is_alive() and t.name not in blocked]
         if alive:
             log.warning("threads still running after shutdown: %s", ", ".join(alive))
