@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.types import FiniteFloat
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
@@ -24,6 +24,7 @@ from .config_loader import (ModelT, StrictModel, dotted, line_for, load_file, lo
 from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
+from .config_http import HttpConfig, check_http
 from .config_outputs import (HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig,  # noqa: F401
                              OutputsConfig, PasswordSource, RedisOutputConfig, resolve_output_secrets)
 from .thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
@@ -260,10 +261,22 @@ class Config(StrictModel):
     sources: SourceDefaults = SourceDefaults()
     cameras: list[CameraConfig] = Field(default_factory=list)
     requests: RequestsConfig = RequestsConfig()
-    metrics: MetricsConfig = MetricsConfig()
+    metrics: MetricsConfig = Field(MetricsConfig(), description="the older spelling of http: (metrics only)")
+    http: HttpConfig = HttpConfig()
     outputs: OutputsConfig = OutputsConfig()
     log: LogConfig = LogConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_is_http(cls, data: Any) -> Any:
+        # A file written before http: existed keeps its server: same address, no API.
+        if isinstance(data, dict) and data.get("metrics") is not None and "http" not in data:
+            m = data["metrics"]
+            m = m.model_dump() if isinstance(m, MetricsConfig) else m
+            if isinstance(m, dict):
+                data = {**data, "http": {**{k: m[k] for k in ("enabled", "host", "port") if k in m}, "api": False}}
+        return data
 
     def camera(self, cam_id: str) -> CameraConfig:
         for cam in self.cameras:
@@ -283,6 +296,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
                  env: dict[str, str] | None = None, check_files: bool = True) -> Config:
     """Parse and validate config text. Raises ``ConfigError`` naming field and line."""
     data, lines = load_yaml(text, source, env, expected="a mapping with model:, cameras:, ... at the top level")
+    if isinstance(data, dict) and "metrics" in data and "http" in data:
+        raise ConfigError("metrics: is the older spelling of http: (one server); keep only http:",
+                          source=source, field="metrics", line=line_for(("metrics",), lines))
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -303,6 +319,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
                           line=line_for(("model", "path"), lines))
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
+    cfg = cfg.model_copy(update={"http": check_http(cfg.http, source, base_dir, lines, check_files)})
     cfg = cfg.model_copy(update={"outputs": resolve_output_secrets(cfg.outputs, source, base_dir, lines,
                                                                     check_files)})
     for i, cam in enumerate(cfg.cameras):
