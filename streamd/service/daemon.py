@@ -32,13 +32,13 @@ from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
 from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffmpeg_defaults
 from ..redact import scrub
-from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
 from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
+from .web import HttpServer, HttpTasks, LiveHub, api_enabled, build_http_server
 
 log = logging.getLogger("streamd.daemon")
 
@@ -93,14 +93,16 @@ class Daemon:
         self.backend: BackendPool = _load_backend(cfg.model, cfg.scheduler)
         self._model_id = _model_identity(cfg.model, cfg.scheduler)
         self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: HttpServer | None = None     # the HTTP server: metrics, health, API, live view
+        self.http_tasks: HttpTasks | None = None
+        self.live = LiveHub(self.stats, cfg.http.ws_queue) if api_enabled(cfg) else None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
         self.outputs: list[Output] = []          # broker outputs (MQTT, Redis Streams) beside ZeroMQ
         self._next_output_stats = 0.0
         # The scheduler's second input; front doors (the ROUTER socket) feed it.
-        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) if cfg.requests.enabled \
-            else None
+        self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) \
+            if cfg.requests.enabled or api_enabled(cfg) else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
@@ -108,21 +110,21 @@ class Daemon:
             names = self.backend.info.names
             labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
             self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
-            self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
+            live = [self.live] if self.live is not None else []
+            self.output = OutputStage([self.publisher, *self.outputs, *live], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
-                                      observe=self.pipeline_metrics.observe_results)
+                                      observe=self.pipeline_metrics.observe_results, taps=[v.frame for v in live])
             if self.request_queue is not None:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
-            if cfg.metrics.enabled:
+            if cfg.http.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 if self.request_server is not None:
                     registry.register(self.request_server.metrics)
                 if self.outputs:
                     registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
-                self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
-                                                    health=self.health_problem)
+                self.metrics_server, self.http_tasks = build_http_server(self, registry)
         except BaseException:
             for out in self.outputs:
                 out.close(0.5)
@@ -179,6 +181,8 @@ class Daemon:
         src = self.cameras.pop(cam_id, None)
         self.queues.remove(cam_id)
         self.output.snapshots.forget(cam_id)
+        if self.live is not None:
+            self.live.forget(cam_id)
         self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
@@ -302,9 +306,12 @@ class Daemon:
         self.queues.wake_all()
         for cam in self.cameras.values():
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
-        if self.request_server is not None:
-            self.request_server.stop_accepting()
+        for door in (self.request_server, self.http_tasks):
+            if door is not None:
+                door.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
+        if self.http_tasks is not None:
+            self.http_tasks.fail_all_pending("the daemon is shutting down")
         if self.request_server is not None:
             # The pipeline drained: whatever is still waiting gets its answer now.
             self.request_server.fail_all_pending("the daemon is shutting down")

@@ -16,13 +16,18 @@ from .snapshots import SnapshotPolicy
 
 log = logging.getLogger("streamd.output")
 
+# Sees each frame with its result (the live view keeps the newest); returns at once.
+FrameTap = Callable[[FrameResult, Frame], None]
+
 
 class OutputStage:
     """Implements the scheduler's ``ResultSink``; also the cameras' health callback."""
 
     def __init__(self, outputs: Sequence[Output], snapshots: SnapshotPolicy, age_bound: Callable[[], float],
-                 observe: Callable[[list[FrameResult]], None] | None = None) -> None:
+                 observe: Callable[[list[FrameResult]], None] | None = None,
+                 taps: Sequence[FrameTap] = ()) -> None:
         self.outputs = list(outputs)
+        self.taps = list(taps)
         self.snapshots = snapshots
         self._age_bound = age_bound          # seconds; the scheduler's current frame-age bound
         self._observe = observe or (lambda results: None)
@@ -31,6 +36,8 @@ class OutputStage:
         bound = self._age_bound()
         for r, f in zip(results, frames):
             self.fan_out(detections_message(r, bound, self.snapshots.take(r, f)))
+            for tap in self.taps:
+                tap(r, f)
         self._observe(results)
 
     def request_results(self, results: list[RequestResult]) -> None:
