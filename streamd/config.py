@@ -243,9 +243,10 @@ class RequestsConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    enabled: bool = True
-    host: str = Field("127.0.0.1", description="Prometheus endpoint address; loopback by default")
-    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
+    """The older spelling of ``http:`` (``/metrics`` and ``/healthz`` only)."""
+    enabled: bool = Field(True, description="older spelling of http.enabled")
+    host: str = Field("127.0.0.1", description="older spelling of http.host")
+    port: int = Field(9108, ge=0, le=65535, description="older spelling of http.port")
 
 
 class LogConfig(StrictModel):

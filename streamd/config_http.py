@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 
-from .config_loader import StrictModel, line_for
+from .config_loader import StrictModel, line_for, one_or_none, read_secret
 from .errors import ConfigError
 from .redact import register_secret
 
@@ -38,8 +38,8 @@ class HttpConfig(StrictModel):
     allow_non_loopback: bool = Field(False, description="needed (with a token) to listen beyond loopback")
     token: SecretStr | None = Field(None, description="bearer token every request must carry; inline or "
                                                       "'${ENV_NAME}'; instead of token_file")
-    token_file: Path | None = Field(None, description="a file holding the token (first line); relative to "
-                                                      "the config file")
+    token_file: Path | None = Field(None, description="a file holding the token (first line), instead of "
+                                                      "token; relative to the config file")
     max_body_bytes: int = Field(20_000_000, ge=1000, description="larger request bodies get 413")
     max_pixels: int = Field(50_000_000, ge=1000, description="larger pictures get 413")
     result_ttl_s: float = Field(300, gt=0, description="a finished task's result is kept this long, then "
@@ -52,21 +52,12 @@ class HttpConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_token(self) -> "HttpConfig":
-        if self.token is not None and self.token_file is not None:
-            raise ValueError("give token or token_file, not both")
+        one_or_none(self, "token", "token_file")
         return self
 
     def read_token(self) -> str | None:
         """The bearer token, read from ``token_file`` when that is how it was given."""
-        if self.token_file is None:
-            value = self.token.get_secret_value() if self.token is not None else None
-        else:
-            try:
-                lines = self.token_file.read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"cannot read token_file {self.token_file} ({exc.strerror})",
-                                  field="http.token_file") from None
-            value = lines[0].strip() if lines else ""
+        value = read_secret(self.token, self.token_file, "token")
         register_secret(value)
         return value
 
