@@ -50,16 +50,16 @@ class HttpConfig(StrictModel):
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from "
                                                                       "a browser; none by default")
 
-    @model_validator(mode="after")
-    def _one_token(self) -> "HttpConfig":
-        one_or_none(self, "token", "token_file")
-        return self
-
     def read_token(self) -> str | None:
         """The bearer token, read from ``token_file`` when that is how it was given."""
         value = read_secret(self.token, self.token_file, "token")
         register_secret(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "HttpConfig":
+        one_or_none(self, "token", "token_file")
+        return self
 
 
 def check_http(cfg: HttpConfig, source: str, base_dir: Path | None, lines: dict[tuple[Any, ...], int],
