@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -176,6 +177,35 @@ def test_429_at_the_bound_and_every_accepted_task_answered(fall_onnx_320: Path, 
     assert len(set(locations)) == len(locations)
     finals = [task(url, loc, wait=60) for loc in locations]
     assert [f["status"] for f in finals] == ["done"] * len(locations)
+    assert d.stop() == 0
+
+
+def test_shutdown_answers_every_accepted_task(fall_onnx_320: Path, sample_images, daemon_factory) -> None:
+    cfg = http_config(fall_onnx_320, [], cors_origins=["http://viewer.test"])
+    cfg["requests"] = {"queue_size": 64}
+    d = daemon_factory(cfg)
+    url = base(cfg)
+    wait_healthy(d, cfg)
+    # CORS only for the origin listed.
+    code, headers, _ = call(url + "/api/v1/cameras", headers={"Origin": "http://viewer.test"})
+    assert code == 200 and headers["Access-Control-Allow-Origin"] == "http://viewer.test"
+    code, headers, _ = call(url + "/api/v1/detect", method="OPTIONS", headers={"Origin": "http://viewer.test"})
+    assert code == 204 and "POST" in headers["Access-Control-Allow-Methods"]
+    assert "Access-Control-Allow-Origin" not in call(url + "/api/v1/cameras", headers={"Origin": "http://x.test"})[1]
+
+    bus = sample_images[0].read_bytes()
+    locations = []
+    for _ in range(16):
+        code, headers, body = post_image(url, bus)
+        assert code == 202, body
+        locations.append(headers["Location"])
+    with ThreadPoolExecutor(len(locations)) as pool:
+        polls = [pool.submit(task, url, loc, 30) for loc in locations]
+        d.signal(signal.SIGTERM)
+        finals = [p.result(timeout=60) for p in polls]
+    statuses = Counter(f["status"] for f in finals)
+    assert set(statuses) <= {"done", "failed"}, statuses
+    assert all(f["error"] == "the daemon is shutting down" for f in finals if f["status"] == "failed")
     assert d.stop() == 0
 
 

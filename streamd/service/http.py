@@ -182,6 +182,7 @@ class HttpServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -95,8 +95,11 @@ class LiveHub:
                 view = self._views.setdefault(msg.key, CameraView())
                 view.last_error = None if msg.body.get("state") == "streaming" else (msg.body.get("reason") or None)
         loop = self._loop
-        if loop is not None and self._clients and not loop.is_closed():
-            loop.call_soon_threadsafe(self._dispatch, msg.kind, msg.key, msg.body)
+        if loop is not None and self._clients:
+            try:
+                loop.call_soon_threadsafe(self._dispatch, msg.kind, msg.key, msg.body)
+            except RuntimeError:      # the server stopped (shutdown): nobody is listening
+                pass
 
     def frame(self, result: FrameResult, frame: Frame) -> None:
         now = time.time()

@@ -96,8 +96,11 @@ class HttpTasks:
             task.status, task.body, task.error, task.done_mono = status, body, error, time.monotonic()
             waiters, task.waiters = task.waiters, []
             self.counts["completed" if status == "done" else "failed"] += 1
-        if waiters and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_wake, waiters)
+        if waiters and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(_wake, waiters)
+            except RuntimeError:      # the server already stopped: nobody is waiting any more
+                pass
         return True
 
     def stop_accepting(self) -> None:
