@@ -78,6 +78,16 @@ def multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, str]:
     return out, f"multipart/form-data; boundary={boundary}"
 
 
+def metric(url: str, name: str, **labels: str) -> float | None:
+    """One sample's value from the daemon's /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for fam in text_string_to_metric_families(call(f"{url}/metrics")[2].decode()):
+        for sample in fam.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
 def task(url: str, location: str, wait: float = 0) -> dict[str, Any]:
     code, _, body = call(f"{url}{location}?wait={wait}")
     assert code == 200, body
@@ -177,6 +187,8 @@ def test_429_at_the_bound_and_every_accepted_task_answered(fall_onnx_320: Path, 
     assert len(set(locations)) == len(locations)
     finals = [task(url, loc, wait=60) for loc in locations]
     assert [f["status"] for f in finals] == ["done"] * len(locations)
+    assert metric(url, "streamd_http_requests_total", outcome="busy") == codes[429]
+    assert metric(url, "streamd_http_requests_total", outcome="completed") == codes[202]
     assert d.stop() == 0
 
 
@@ -285,7 +297,7 @@ def test_a_slow_websocket_client_is_dropped_while_a_fast_one_keeps_receiving(
     cfg = http_config(fall_onnx_320, cams, ws_queue=8)
     d = daemon_factory(cfg)
     wait_healthy(d, cfg)
-    port = cfg["http"]["port"]
+    port, url = cfg["http"]["port"], base(cfg)
     fast: list[tuple[float, dict[str, Any]]] = []
     stop = threading.Event()
     subscribed = threading.Event()
@@ -310,13 +322,15 @@ def test_a_slow_websocket_client_is_dropped_while_a_fast_one_keeps_receiving(
     try:
         wait_until(subscribed.is_set, 30, what="the subscription to be confirmed")
         slow = SlowClient(port, "/api/v1/ws")
-        wait_until(lambda: "websocket client dropped" in d.log(), 90,
+        wait_until(lambda: metric(url, "streamd_websocket_clients_dropped_total") == 1, 90,
                    what=f"the slow client to be dropped\n{d.log()[-2000:]}")
         dropped_at = time.monotonic()
         wait_until(slow.hung_up, 30, what="the daemon to close the slow client's connection")
         n = len(fast)
         wait_until(lambda: len(fast) >= n + 5, 30, what="the fast client to keep receiving after the drop")
-        assert d.log().count("websocket client dropped") == 1
+        assert metric(url, "streamd_websocket_clients_dropped_total") == 1
+        assert metric(url, "streamd_websocket_clients") == 1                  # the fast one
+        assert "websocket client dropped: more than 8 messages behind" in d.log()
     finally:
         stop.set()
         reader.join(5)

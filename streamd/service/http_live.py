@@ -119,7 +119,7 @@ class LiveHub:
         """Nothing queued to send: the server closes the sockets when it stops."""
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counters)
+        return {**self._counters, "clients": len(self._clients)}
 
     # ---- HttpPart ----------------------------------------------------------------------------------------
     def add_routes(self, app: web.Application) -> None:

@@ -1,7 +1,10 @@
 // The live view: one tile per camera, updated from the daemon's WebSocket. Pictures are
-// fetched one at a time per tile (a new one only after the last has loaded), so a slow
-// network shows fewer frames instead of queueing them.
+// fetched one at a time per tile (a new one only after the last has loaded) and at most
+// PICTURES_PER_S a second, so a slow network shows fewer frames instead of queueing them and
+// many viewers of many cameras cost the daemon little encoding.
 "use strict";
+
+const PICTURES_PER_S = 2;
 
 const grid = document.getElementById("grid");
 const template = document.getElementById("tile");
@@ -16,7 +19,7 @@ function tile(id) {
   el.querySelector("h2").textContent = id;
   const img = el.querySelector("img");
   img.alt = `latest picture from ${id}`;
-  t = { el, img, frame: null, shown: null, loading: false };
+  t = { el, img, frame: null, shown: null, loading: false, last: 0, timer: null };
   tiles.set(id, t);
   const ids = [...tiles.keys()].sort();
   grid.insertBefore(el, tiles.get(ids[ids.indexOf(id) + 1])?.el ?? null);
@@ -26,8 +29,14 @@ function tile(id) {
 function showFrame(id, frame) {
   const t = tile(id);
   t.frame = frame;
-  if (t.loading || t.shown === frame) return;
+  if (t.loading || t.timer || t.shown === frame) return;
+  const wait = t.last + 1000 / PICTURES_PER_S - Date.now();
+  if (wait > 0) {
+    t.timer = setTimeout(() => { t.timer = null; showFrame(id, t.frame); }, wait);
+    return;
+  }
   t.loading = true;
+  t.last = Date.now();
   const next = new Image();
   next.onload = () => {
     t.img.src = next.src;
