@@ -168,6 +168,7 @@ def test_detect_tasks_cameras_and_pictures(fall_onnx_320: Path, sample_images, t
     assert code == 200 and headers["Content-Type"].startswith("application/openmetrics-text")
     assert b"streamd_camera_frames_decoded_total" in body
     assert d.stop() == 0
+    assert "Traceback" not in d.log() and "Task was destroyed" not in d.log()    # streams ended cleanly
 
 
 def test_429_at_the_bound_and_every_accepted_task_answered(fall_onnx_320: Path, sample_images,

@@ -182,6 +182,11 @@ class HttpServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            # Streams still open past the grace time, and the parts' own upkeep, end here.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
