@@ -37,12 +37,15 @@ log = logging.getLogger("streamd.http.tasks")
 
 FINAL = ("done", "failed")
 EXPIRED_KEPT = 10000          # ids remembered as expired (beyond: unknown, 404)
+RESULTS_KEPT = 100000         # finished tasks kept at most; beyond, the oldest expire early
 SWEEP_S = 0.5
 
 
 @dataclass
 class Task:
-    request: Request
+    request: Request | None             # while unanswered; dropped then, with its picture
+    client_id: str | None
+    request_id: str | int | None
     status: str = "pending"             # pending | done | failed (running is derived from the queue)
     body: dict[str, Any] | None = None
     error: str | None = None
@@ -94,6 +97,7 @@ class HttpTasks:
             if task is None or task.status in FINAL:
                 return False
             task.status, task.body, task.error, task.done_mono = status, body, error, time.monotonic()
+            task.request = None
             waiters, task.waiters = task.waiters, []
             self.counts["completed" if status == "done" else "failed"] += 1
         if waiters and self._loop is not None:
@@ -109,7 +113,7 @@ class HttpTasks:
     def fail_all_pending(self, reason: str) -> int:
         """At shutdown, after the pipeline drained: every task not yet answered fails."""
         with self._lock:
-            left = [t.request for t in self._tasks.values() if t.status not in FINAL]
+            left = [t.request for t in self._tasks.values() if t.request is not None]
         for req in left:
             self.fail(req, reason)
         return len(left)
@@ -146,7 +150,7 @@ class HttpTasks:
                       params=self._params(header), priority=header.priority, client_id=header.client_id,
                       request_id=header.request_id)
         with self._lock:
-            self._tasks[req.task_id] = Task(req)
+            self._tasks[req.task_id] = Task(req, req.client_id, req.request_id)
         if not self.queue.offer(req):
             with self._lock:
                 self._tasks.pop(req.task_id, None)
@@ -215,10 +219,10 @@ class HttpTasks:
                     return web.json_response({"task_id": task_id, "status": "expired"})
                 return _error(404, f"no task {task_id!r}")
             status, body, error, req = task.status, task.body, task.error, task.request
-        if status == "pending" and not self.queue.holds(req):
+        if req is not None and not self.queue.holds(req):
             status = "running"           # taken into a batch, not answered yet
-        out: dict[str, Any] = {"task_id": task_id, "status": status, "client_id": req.client_id,
-                               "request_id": req.request_id}
+        out: dict[str, Any] = {"task_id": task_id, "status": status, "client_id": task.client_id,
+                               "request_id": task.request_id}
         if body is not None:
             t = body["timings_ms"]
             out.update(width=body["width"], height=body["height"], detections=body["detections"],
@@ -237,8 +241,13 @@ class HttpTasks:
             for req in self.queue.take_expired(now - self._timeout_s):
                 req.reply_to.fail(req, f"not processed within {self._timeout_s:g}s (the model is overloaded)")
             with self._lock:
-                old = [k for k, t in self._tasks.items()
-                       if t.status in FINAL and now - t.done_mono > self.cfg.result_ttl_s]
+                done = [(t.done_mono, k) for k, t in self._tasks.items() if t.status in FINAL]
+                if len(done) > RESULTS_KEPT:      # a flood: the oldest go first (sorted only then)
+                    done.sort()
+                    old = [k for i, (at, k) in enumerate(done)
+                           if i < len(done) - RESULTS_KEPT or now - at > self.cfg.result_ttl_s]
+                else:
+                    old = [k for at, k in done if now - at > self.cfg.result_ttl_s]
                 for k in old:
                     del self._tasks[k]
                     self._expired[k] = None
