@@ -229,11 +229,17 @@ def test_a_token_is_required_beyond_loopback(fall_onnx_320: Path, daemon_factory
     url = base(cfg)
     good = {"Authorization": f"Bearer {token}"}
     wait_healthy(d, cfg, good)
-    for path in ("/healthz", "/metrics", "/api/v1/cameras", "/"):
+    for path in ("/healthz", "/metrics", "/api/v1/cameras"):
         assert call(url + path)[0] == 401
         assert call(url + path, headers={"Authorization": f"Bearer {token[:-1]}x"})[0] == 401
         assert call(url + path, headers={"Authorization": token})[0] == 401
+        assert call(url + path, headers={"Cookie": f"streamd_token={token[:-1]}x"})[0] == 401
         assert call(url + path, headers=good)[0] == 200
+        assert call(url + path, headers={"Cookie": f"streamd_token={token}"})[0] == 200     # the live view's way
+    # The page itself holds no data: it loads, and asks for the token.
+    code, _, page = call(url + "/")
+    assert code == 200 and b'id="login"' in page
+    assert call(url + "/live.js")[0] == 200
     code, headers, _ = call(url + "/api/v1/cameras")
     assert headers["WWW-Authenticate"].startswith("Bearer")
     assert d.stop() == 0

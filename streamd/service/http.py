@@ -36,6 +36,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpPart(Protocol):
     """A set of routes the daemon adds (API, live view); told the loop they run on."""
 
+    # Paths served without the token: static files that hold no data (the live view's page).
+    public_paths: Sequence[str]
+
     def add_routes(self, app: web.Application) -> None: ...
 
     def started(self, loop: asyncio.AbstractEventLoop) -> None: ...
@@ -45,12 +48,19 @@ def text(status: int, body: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/plain", charset="utf-8")
 
 
-def _auth_middleware(token: str) -> Any:
+TOKEN_COOKIE = "streamd_token"   # the live view's way of carrying the token (browsers can't add headers)
+
+
+def _auth_middleware(token: str, public: frozenset[str]) -> Any:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        if request.path in public:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        given = (header if header is not None else f"Bearer {cookie}" if cookie is not None else "").encode()
         # Constant time: how much of a guess matched must not show in the answer's timing.
         if not hmac.compare_digest(given, expected):
             return web.Response(status=401, text="a bearer token is required (Authorization: Bearer ...)\n",
@@ -101,7 +111,7 @@ class HttpServer:
         self._metrics_app = make_wsgi_app(registry)
         self._parts = list(parts)
         middlewares = ([_cors_middleware(cors_origins)] if cors_origins else []) + \
-            ([_auth_middleware(token)] if token else [])
+            ([_auth_middleware(token, frozenset(p for part in parts for p in part.public_paths))] if token else [])
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/healthz", self._healthz)
@@ -165,6 +175,7 @@ class HttpServer:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)        # this thread's loop, for whatever asks for "the" loop
         self.loop = loop
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_S)
         try:
@@ -186,7 +197,8 @@ class HttpServer:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 

@@ -78,6 +78,7 @@ class LiveHub:
     """Output + frame tap + routes: ``/``, ``/api/v1/cameras``, ``/api/v1/ws``."""
 
     name = "http"
+    public_paths = ("/", "/live.js", "/live.css")     # the page only: its data needs the token
 
     def __init__(self, stats: Callable[[], dict[str, Any]], ws_queue: int = 256) -> None:
         self._stats = stats

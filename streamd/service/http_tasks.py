@@ -74,6 +74,8 @@ class HttpTasks:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counts = {"accepted": 0, "busy": 0, "rejected": 0, "completed": 0, "failed": 0}
 
+    public_paths: tuple[str, ...] = ()
+
     # ---- HttpPart --------------------------------------------------------------------------------------
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/v1/detect", self._detect)

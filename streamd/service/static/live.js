@@ -95,5 +95,22 @@ function connect() {
   };
 }
 
-fetch("api/v1/cameras").then((r) => r.json()).then((body) => body.cameras.forEach(updateCamera)).catch(() => {});
-connect();
+// A daemon with a token answers 401 until the browser holds it as a cookie (same-site only).
+function askForToken() {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  conn.dataset.state = "closed";
+  conn.textContent = "token needed";
+  form.onsubmit = (ev) => {
+    ev.preventDefault();
+    const secure = location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = `streamd_token=${form.token.value.trim()}; path=/; SameSite=Strict${secure}`;
+    location.reload();
+  };
+}
+
+fetch("api/v1/cameras").then((r) => {
+  if (r.status === 401) { askForToken(); return; }
+  connect();
+  return r.json().then((body) => body.cameras.forEach(updateCamera));
+}).catch(() => connect());
