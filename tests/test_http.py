@@ -30,6 +30,7 @@ from streamd.config import parse_config
 from streamd.errors import ConfigError
 from tests.fixtures_daemon import free_tcp_port, wait_until
 from tests.test_daemon import base_config
+from tests.test_requests import Client, zctx  # noqa: F401 - zctx is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -189,13 +190,15 @@ def test_429_at_the_bound_and_every_accepted_task_answered(fall_onnx_320: Path, 
     finals = [task(url, loc, wait=60) for loc in locations]
     assert [f["status"] for f in finals] == ["done"] * len(locations)
     assert metric(url, "streamd_http_requests_total", outcome="busy") == codes[429]
+    assert metric(url, "streamd_requests_total", outcome="accepted") is None      # the ZeroMQ door stayed off
     assert metric(url, "streamd_http_requests_total", outcome="completed") == codes[202]
     assert d.stop() == 0
 
 
-def test_shutdown_answers_every_accepted_task(fall_onnx_320: Path, sample_images, daemon_factory) -> None:
+def test_both_doors_share_the_queue_and_shutdown_answers_every_task(fall_onnx_320: Path, sample_images,
+                                                                    daemon_factory, zctx) -> None:
     cfg = http_config(fall_onnx_320, [], cors_origins=["http://viewer.test"])
-    cfg["requests"] = {"queue_size": 64}
+    cfg["requests"] = {"enabled": True, "endpoint": f"tcp://127.0.0.1:{free_tcp_port()}", "queue_size": 64}
     d = daemon_factory(cfg)
     url = base(cfg)
     wait_healthy(d, cfg)
@@ -207,6 +210,9 @@ def test_shutdown_answers_every_accepted_task(fall_onnx_320: Path, sample_images
     assert "Access-Control-Allow-Origin" not in call(url + "/api/v1/cameras", headers={"Origin": "http://x.test"})[1]
 
     bus = sample_images[0].read_bytes()
+    zmq_client = Client(cfg["requests"]["endpoint"], zctx)
+    for i in range(6):
+        zmq_client.send(bus, request_id=i)
     locations = []
     for _ in range(16):
         code, headers, body = post_image(url, bus)
@@ -219,6 +225,12 @@ def test_shutdown_answers_every_accepted_task(fall_onnx_320: Path, sample_images
     statuses = Counter(f["status"] for f in finals)
     assert set(statuses) <= {"done", "failed"}, statuses
     assert all(f["error"] == "the daemon is shutting down" for f in finals if f["status"] == "failed")
+    # The ZeroMQ door's requests, in the same queue, got exactly one answer each as well.
+    zmq_client.wait(lambda: len(zmq_client.of("result")) + len(zmq_client.of("error")) == 6, 30,
+                    "an answer to each ZeroMQ request")
+    zmq_client.pump(time.monotonic() + 0.5)
+    answered = [r["request_id"] for r in zmq_client.of("result") + zmq_client.of("error")]
+    assert sorted(answered) == list(range(6))
     assert d.stop() == 0
 
 

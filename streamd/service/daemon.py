@@ -114,7 +114,7 @@ class Daemon:
             self.output = OutputStage([self.publisher, *self.outputs, *live], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results, taps=[v.frame for v in live])
-            if self.request_queue is not None:
+            if cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
             self.pipeline = self._make_pipeline(self.backend, cfg, params)
