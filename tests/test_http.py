@@ -324,7 +324,8 @@ def test_a_slow_websocket_client_is_dropped_while_a_fast_one_keeps_receiving(
     async def read_fast() -> None:
         async with aiohttp.ClientSession() as s:
             async with s.ws_connect(f"ws://127.0.0.1:{port}/api/v1/ws") as ws:
-                await ws.send_json({"type": "subscribe", "cameras": ["bus"], "types": ["detections", "health"]})
+                await ws.send_json({"type": "subscribe", "cameras": ["bus"],
+                                    "types": ["detections", "health", "cameras"]})
                 while not stop.is_set():
                     try:
                         msg = await ws.receive(timeout=0.5)
@@ -355,7 +356,9 @@ def test_a_slow_websocket_client_is_dropped_while_a_fast_one_keeps_receiving(
         reader.join(5)
     after = [b for t, b in fast if t > dropped_at]
     assert after and all(b["camera"] == "bus" for b in after if b["type"] in ("detections", "health"))
-    assert {b["type"] for _, b in fast} <= {"subscribed", "detections", "health"}
+    assert {b["type"] for _, b in fast} <= {"subscribed", "detections", "health", "cameras"}
+    summaries = [b for _, b in fast if b["type"] == "cameras"]
+    assert summaries and {c["id"] for c in summaries[-1]["cameras"]} == {"bus", "zidane"}
     frames = [b["frame"] for _, b in fast if b["type"] == "detections"]
     assert frames == sorted(frames) and len(set(frames)) == len(frames)     # in order, none twice
     assert d.stop() == 0

@@ -39,6 +39,7 @@ SOCKET_SNDBUF = 32 * 1024
 TRANSPORT_HIGH_WATER = 16 * 1024
 WRITER_LIMIT = 16 * 1024        # aiohttp's own: bytes written before a send waits for the socket
 KINDS = ("detections", "health", "event", "result", "stats", "cameras")
+UNFILTERED = ("result", "stats", "cameras")
 JPEG_QUALITY = 80
 
 
@@ -64,7 +65,8 @@ class Client:
     dropped: bool = False
 
     def wants(self, kind: str, key: str) -> bool:
-        return kind in self.kinds and (self.cameras is None or kind in ("result", "stats") or key in self.cameras)
+        # Results, stats and the camera summary are about no one camera: only the type filters them.
+        return kind in self.kinds and (self.cameras is None or kind in UNFILTERED or key in self.cameras)
 
 
 def _split(value: Any) -> set[str] | None:
