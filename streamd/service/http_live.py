@@ -146,11 +146,17 @@ class LiveHub:
             if c.dropped or not c.wants(kind, key):
                 continue
             text = text or json.dumps(body, separators=(",", ":"))
-            try:
-                c.queue.put_nowait(text)
-                self._counters["sent"] += 1
-            except asyncio.QueueFull:
-                self._drop(c, f"more than {self._ws_queue} messages behind")
+            self._enqueue(c, text)
+
+    def _enqueue(self, c: Client, text: str) -> None:
+        """Every message to a client goes through its queue, in order, by its one sender."""
+        if c.dropped:
+            return
+        try:
+            c.queue.put_nowait(text)
+            self._counters["sent"] += 1
+        except asyncio.QueueFull:
+            self._drop(c, f"more than {self._ws_queue} messages behind")
 
     def _drop(self, c: Client, why: str) -> None:
         c.dropped = True
@@ -205,11 +211,11 @@ class LiveHub:
                     sub = None
                 if isinstance(sub, dict) and sub.get("type") == "subscribe":
                     self._subscribe(c, sub)
-                    await ws.send_json({"type": "subscribed", "cameras": sorted(c.cameras) if c.cameras else None,
-                                        "types": sorted(c.kinds)})
+                    reply = {"type": "subscribed", "cameras": None if c.cameras is None else sorted(c.cameras),
+                             "types": sorted(c.kinds)}
                 else:
-                    await ws.send_json({"type": "error", "error": 'send {"type": "subscribe", "cameras": [...], '
-                                                                  '"types": [...]}'})
+                    reply = {"type": "error", "error": 'send {"type": "subscribe", "cameras": [...], "types": [...]}'}
+                self._enqueue(c, json.dumps(reply))
         finally:
             self._clients.discard(c)
             sender.cancel()
