@@ -25,6 +25,7 @@ from .config_sources import Decoder, Hwaccel, check_decoder_preset
 from .errors import ConfigError
 from .geometry import polygon_problem
 from .redact import redact_url, register_secret, register_url
+from .config_http import HttpConfig, check_http
 from .config_outputs import (HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig,  # noqa: F401
                              OutputsConfig, PasswordSource, RedisOutputConfig, RedisRequestsConfig,
                              resolve_broker_secrets, resolve_output_secrets)
@@ -278,9 +279,10 @@ class RequestsConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    enabled: bool = True
-    host: str = Field("127.0.0.1", description="Prometheus endpoint address; loopback by default")
-    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
+    """The older spelling of ``http:`` (``/metrics`` and ``/healthz`` only)."""
+    enabled: bool = Field(True, description="older spelling of http.enabled")
+    host: str = Field("127.0.0.1", description="older spelling of http.host")
+    port: int = Field(9108, ge=0, le=65535, description="older spelling of http.port")
 
 
 class LogConfig(StrictModel):
@@ -296,10 +298,22 @@ class Config(StrictModel):
     sources: SourceDefaults = SourceDefaults()
     cameras: list[CameraConfig] = Field(default_factory=list)
     requests: RequestsConfig = RequestsConfig()
-    metrics: MetricsConfig = MetricsConfig()
+    metrics: MetricsConfig = Field(MetricsConfig(), description="the older spelling of http: (metrics only)")
+    http: HttpConfig = HttpConfig()
     outputs: OutputsConfig = OutputsConfig()
     log: LogConfig = LogConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_is_http(cls, data: Any) -> Any:
+        # A file written before http: existed keeps its server: same address, no API.
+        if isinstance(data, dict) and data.get("metrics") is not None and "http" not in data:
+            m = data["metrics"]
+            m = m.model_dump() if isinstance(m, MetricsConfig) else m
+            if isinstance(m, dict):
+                data = {**data, "http": {**{k: m[k] for k in ("enabled", "host", "port") if k in m}, "api": False}}
+        return data
 
     def camera(self, cam_id: str) -> CameraConfig:
         for cam in self.cameras:
@@ -319,6 +333,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
                  env: dict[str, str] | None = None, check_files: bool = True) -> Config:
     """Parse and validate config text. Raises ``ConfigError`` naming field and line."""
     data, lines = load_yaml(text, source, env, expected="a mapping with model:, cameras:, ... at the top level")
+    if isinstance(data, dict) and "metrics" in data and "http" in data:
+        raise ConfigError("metrics: is the older spelling of http: (one server); keep only http:",
+                          source=source, field="metrics", line=line_for(("metrics",), lines))
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -348,6 +365,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
                           line=line_for(("model", "path"), lines))
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
+    cfg = cfg.model_copy(update={"http": check_http(cfg.http, source, base_dir, lines, check_files)})
     cfg = cfg.model_copy(update={"outputs": resolve_output_secrets(cfg.outputs, source, base_dir, lines,
                                                                     check_files)})
     if cfg.requests.redis is not None:

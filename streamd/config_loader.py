@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from .errors import ConfigError
 
@@ -56,6 +56,23 @@ def dotted(path: tuple[Any, ...]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+def one_or_none(model: BaseModel, a: str, b: str) -> None:
+    """Two ways of giving the same thing (a secret inline or from a file): at most one."""
+    if getattr(model, a) is not None and getattr(model, b) is not None:
+        raise ValueError(f"give {a} or {b}, not both")
+
+
+def read_secret(inline: SecretStr | None, path: Path | None, name: str) -> str | None:
+    """A credential given inline (``SecretStr``) or as a file's first line (``{name}_file``)."""
+    if path is None:
+        return inline.get_secret_value() if inline is not None else None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}_file {path} ({exc.strerror})") from None
+    return lines[0].strip() if lines else ""
 
 
 def line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, Field, SecretStr, model_validator
 
-from .config_loader import StrictModel, line_for
+from .config_loader import StrictModel, line_for, one_or_none, read_secret
 from .errors import ConfigError
 from .redact import redact_url, register_secret, register_url
 
@@ -38,19 +38,12 @@ class PasswordSource(StrictModel):
 
     @model_validator(mode="after")
     def _one_password(self) -> "PasswordSource":
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
+        one_or_none(self, "password", "password_file")
         return self
 
     def read_password(self) -> str | None:
         """The password, read from ``password_file`` when that is how it was given."""
-        if self.password_file is None:
-            return self.password.get_secret_value() if self.password is not None else None
-        try:
-            lines = self.password_file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read password_file {self.password_file} ({exc.strerror})") from None
-        return lines[0].strip() if lines else ""
+        return read_secret(self.password, self.password_file, "password")
 
 
 class MqttTlsConfig(StrictModel):

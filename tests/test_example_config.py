@@ -17,13 +17,18 @@ from streamd.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "example.yaml"
-ENV = {"DOOR_PASSWORD": "pw-door", "YARD_PASSWORD": "pw-yard", "MQTT_PASSWORD": "pw-mqtt"}
+ENV = {"DOOR_PASSWORD": "pw-door", "YARD_PASSWORD": "pw-yard", "MQTT_PASSWORD": "pw-mqtt",
+       "HTTP_TOKEN": "an-http-token-of-some-length"}
 # Keys the schema accepts but the example leaves out on purpose, each with its reason.
 NOT_SHOWN = {"scheduler.pipeline_depth": "no longer used",
              # one of the two per output: the example shows each on a different output
              "outputs.mqtt.password_file": "instead of password",
              "outputs.redis.password": "instead of password_file",
-             "requests.redis.password": "instead of password_file"}
+             "requests.redis.password": "instead of password_file",
+
+             "http.token_file": "instead of token",
+             # metrics: is the older spelling of http: (a file may not have both)
+             **{k: "older spelling" for k in ("metrics", "metrics.enabled", "metrics.host", "metrics.port")}}
 # A commented-out key is "# " followed by the YAML line as it would be written: a key at the
 # start (prose in comments never starts with "word:").
 _COMMENTED_KEY = re.compile(r"^(\s*)# (\s*(?:- )?[a-z_]+:(?: |$).*)$")

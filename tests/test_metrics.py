@@ -362,7 +362,7 @@ def server_parts() -> Iterator[tuple[MetricsServer, dict[str, Any]]]:
 def test_http_scrape_health_and_errors(server_parts: tuple[MetricsServer, dict[str, Any]]) -> None:
     server, knobs = server_parts
     assert server.port > 0 and server.url == f"http://127.0.0.1:{server.port}"
-    assert any(t.name == "metrics-http" and t.daemon for t in threading.enumerate())
+    assert any(t.name == "http" and t.daemon for t in threading.enumerate())
 
     code, ctype, body = http_get(server.url + "/metrics")
     assert (code, ctype) == (200, "text/plain; version=0.0.4; charset=utf-8")
@@ -440,7 +440,7 @@ def test_stop_frees_the_port_and_busy_port_fails_clearly() -> None:
     server = MetricsServer(Registry(), port=0)
     server.start()
     port = server.port
-    with pytest.raises(StreamdError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+    with pytest.raises(StreamdError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
         MetricsServer(Registry(), port=port)
     server.stop()
     server.stop()                                   # idempotent

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..client.annotate import draw
+from ..annotate import draw
 from ..config import CAMERA_ID
 from .engine import Event
 

@@ -162,7 +162,7 @@ def _write_annotated(job: Job, folder: Path) -> None:
     import cv2
     import numpy as np
 
-    from .annotate import draw
+    from ..annotate import draw
     img = cv2.imdecode(np.frombuffer(job.data, np.uint8), cv2.IMREAD_COLOR)
     assert job.result is not None
     folder.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,7 @@ def save_snapshot(body: dict[str, Any], folder: Path) -> Path | None:
     import cv2
     import numpy as np
 
-    from .annotate import draw
+    from ..annotate import draw
     if body.get("type") == protocol.TYPE_EVENT:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{body['camera']}-object{int(body['track_id'])}.jpg"

@@ -40,6 +40,11 @@ class RequestQueue:
         """The request ``pop_locked`` would return, left in place."""
         return self._heap[0][2] if self._heap else None
 
+    def holds(self, req: Request) -> bool:
+        """Whether ``req`` is still waiting (not yet taken into a batch)."""
+        with self._ready:
+            return any(r is req for _, _, r in self._heap)
+
     def take_expired(self, older_than_mono: float) -> list[Request]:
         """Remove and return the requests accepted before ``older_than_mono``."""
         with self._ready:

@@ -35,13 +35,13 @@ from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffm
 from ..pipeline.sources.select import choose
 from ..redact import scrub
 from .doors import open_fleet_door
-from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
 from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
+from .web import HttpServer, HttpTasks, LiveHub, api_enabled, build_http_server
 
 if TYPE_CHECKING:
     from .redis_requests import RedisRequestDoor
@@ -99,7 +99,9 @@ class Daemon:
         self.backend: BackendPool = _load_backend(cfg.model, cfg.scheduler)
         self._model_id = _model_identity(cfg.model, cfg.scheduler)
         self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: HttpServer | None = None     # the HTTP server: metrics, health, API, live view
+        self.http_tasks: HttpTasks | None = None
+        self.live = LiveHub(self.stats, cfg.http.ws_queue) if api_enabled(cfg) else None
         self.publisher: Publisher | None = None
         self.request_server: RequestServer | None = None
         self.fleet_requests: RedisRequestDoor | None = None    # the Redis front door (requests.redis)
@@ -108,7 +110,7 @@ class Daemon:
         # The scheduler's second input; front doors (the ROUTER socket) feed it.
         fleet_on = cfg.requests.redis is not None and cfg.requests.redis.enabled
         self.request_queue = RequestQueue(cfg.requests.queue_size, self.queues.ready) \
-            if cfg.requests.enabled or fleet_on else None
+            if cfg.requests.enabled or fleet_on or api_enabled(cfg) else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
             self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
@@ -116,9 +118,11 @@ class Daemon:
             names = self.backend.info.names
             labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
             self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
-            self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
+            live = [self.live] if self.live is not None else []
+            self.output = OutputStage([self.publisher, *self.outputs, *live], SnapshotPolicy(self._camera_settings),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
-                                      observe=self.pipeline_metrics.observe_results, objects=TrackedObjects(cfg))
+                                      observe=self.pipeline_metrics.observe_results, objects=TrackedObjects(cfg),
+                                      taps=[v.frame for v in live])
             if self.request_queue is not None and cfg.requests.enabled:
                 self.request_server = RequestServer(cfg.requests, self.request_queue, self.backend.info.names,
                                                     default_params=lambda: self.pipeline.params)
@@ -128,14 +132,13 @@ class Daemon:
                 self.fleet_requests = open_fleet_door(
                     cfg.requests, self.request_queue, self.backend.info.names, lambda: self.pipeline.params,
                     cfg.publisher.name or self.publisher.host, self.pipeline.max_batch * self.backend.layout.workers)
-            if cfg.metrics.enabled:
+            if cfg.http.enabled:
                 registry = build_registry(self.stats, self.pipeline_metrics)
                 for door in self._doors():
                     registry.register(door.metrics)
                 if self.outputs:
                     registry.register(OutputCollector(lambda: {o.name: o.counters() for o in self.outputs}))
-                self.metrics_server = MetricsServer(registry, cfg.metrics.host, cfg.metrics.port,
-                                                    health=self.health_problem)
+                self.metrics_server, self.http_tasks = build_http_server(self, registry)
         except BaseException:
             for out in self.outputs:
                 out.close(0.5)
@@ -197,6 +200,8 @@ class Daemon:
         src = self.cameras.pop(cam_id, None)
         self.queues.remove(cam_id)
         self.output.snapshots.forget(cam_id)
+        if self.live is not None:
+            self.live.forget(cam_id)
         self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
@@ -325,10 +330,14 @@ class Daemon:
             cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
         for door in self._doors():
             door.stop_accepting()
+        if self.http_tasks is not None:
+            self.http_tasks.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))
         if self.fleet_requests is not None:   # hands back to the fleet what it holds unanswered
             self.fleet_requests.close(max(0.5, min(3.0, deadline - time.monotonic())))
         self.output.close()   # the objects still alive end, before the transports close
+        if self.http_tasks is not None:
+            self.http_tasks.fail_all_pending("the daemon is shutting down")
         if self.request_server is not None:
             # The pipeline drained: whatever is still waiting gets its answer now.
             self.request_server.fail_all_pending("the daemon is shutting down")

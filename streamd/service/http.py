@@ -1,104 +1,153 @@
-"""The daemon's HTTP endpoint: ``GET /metrics`` (Prometheus) and ``GET /healthz``.
+"""The daemon's one HTTP server: ``/metrics`` (Prometheus), ``/healthz``, and whatever parts
+the daemon adds (the detect/tasks API, the cameras API, the WebSocket, the live view).
 
-``/metrics`` is prometheus_client's own WSGI app (text format 0.0.4 by default, OpenMetrics
-or gzip when the scraper asks for them). Around it, on the standard library's WSGI server:
-``/healthz``, a 404 for any other path, and a scrape whose collector raises answered with a
-short 500 naming the error, the server staying up; the library's own server would serve
-metrics on every path and has no health route.
+aiohttp, on an event loop of its own in its own thread: requests never run on a pipeline
+thread, and nothing here blocks the loop (scrapes, JPEG encoding and picture decoding run in
+the loop's worker threads). ``/metrics`` is prometheus_client's own WSGI app called with the
+request's headers, so content negotiation (OpenMetrics, gzip, ``?name[]=``) is the library's.
+A scrape whose collector raises is answered with a short 500 naming the error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 import socket
 import threading
-from typing import Any, Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from aiohttp import web
 from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from ..errors import StreamdError
 from .metrics import Registry
 
-log = logging.getLogger("streamd.metrics")
+log = logging.getLogger("streamd.http")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9108
+SHUTDOWN_S = 1.0     # open WebSockets and streams get this long to close at stop
 
 HealthCheck = Callable[[], "str | None"]   # None (or "") when healthy, else the reason
-StartResponse = Callable[..., Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class _Server(ThreadingWSGIServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback to stderr for every client that hangs up early.
-        log.debug("metrics request from %s failed", client_address, exc_info=True)
+class HttpPart(Protocol):
+    """A set of routes the daemon adds (API, live view); told the loop they run on."""
+
+    # Paths served without the token: static files that hold no data (the live view's page).
+    public_paths: Sequence[str]
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+    def started(self, loop: asyncio.AbstractEventLoop) -> None: ...
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def text(status: int, body: str) -> web.Response:
+    return web.Response(status=status, text=body, content_type="text/plain", charset="utf-8")
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = 10                   # a client that stops sending cannot pin a thread forever
-    server_version = "streamd-metrics"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("%s %s", self.address_string(), format % args)
+TOKEN_COOKIE = "streamd_token"   # the live view's way of carrying the token (browsers can't add headers)
 
 
-def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:
-    data = body.encode("utf-8")
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
-    return [data]
+def _auth_middleware(token: str, public: frozenset[str]) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in public:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        given = (header if header is not None else f"Bearer {cookie}" if cookie is not None else "").encode()
+        # Constant time: how much of a guess matched must not show in the answer's timing.
+        if not hmac.compare_digest(given, expected):
+            return web.Response(status=401, text="a bearer token is required (Authorization: Bearer ...)\n",
+                                headers={"WWW-Authenticate": 'Bearer realm="streamd"'})
+        return await handler(request)
+    return auth
 
 
-class MetricsServer:
-    """``GET /metrics`` and ``GET /healthz`` on a daemon thread.
+def _cors_middleware(origins: Sequence[str]) -> Any:
+    # Written here rather than with aiohttp-cors: one header pair for a fixed origin list is
+    # all that is needed, and that library is barely maintained.
+    allowed = set(origins)
 
-    Binds in the constructor, so a busy port fails start-up with a clear error (port 0
-    picks a free one: read ``.port``). ``health`` returns None when healthy or a short
-    reason, served as 503. ``stop()`` also closes the registry (NVML)."""
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin in allowed:
+            resp: web.StreamResponse = web.Response(status=204)
+        else:
+            resp = await handler(request)
+        if origin in allowed:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Vary"] = "Origin"
+        return resp
+    return cors
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+    except OSError as exc:
+        raise StreamdError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
+
+
+class HttpServer:
+    """The server thread. Binds in the constructor, so a busy port fails start-up with a clear
+    error (port 0 picks a free one: read ``.port``). ``health`` returns None when healthy or
+    a short reason, served as 503. ``stop()`` also closes the registry (NVML)."""
 
     def __init__(self, registry: Registry, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 health: HealthCheck | None = None) -> None:
+                 health: HealthCheck | None = None, *, parts: Sequence[HttpPart] = (), token: str | None = None,
+                 max_body_bytes: int = 20_000_000, cors_origins: Sequence[str] = ()) -> None:
         self.registry = registry
         self._health_check = health
         self._metrics_app = make_wsgi_app(registry)
-        cls = _Server6 if ":" in host else _Server
-        try:
-            self._server = make_server(host.strip("[]"), port, self._app, server_class=cls, handler_class=_Handler)
-        except OSError as exc:
-            raise StreamdError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        self._parts = list(parts)
+        middlewares = ([_cors_middleware(cors_origins)] if cors_origins else []) + \
+            ([_auth_middleware(token, frozenset(p for part in parts for p in part.public_paths))] if token else [])
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/healthz", self._healthz)
+        for part in self._parts:
+            part.add_routes(self.app)
+        self._sock = _bind(host, port)
         self.host = host
-        self.port: int = self._server.server_address[1]
+        self.port: int = self._sock.getsockname()[1]
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
         self._closed = False
+        self.error: BaseException | None = None
 
-    # ---- requests (one thread each) ------------------------------------------------------------
-    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        head = environ.get("REQUEST_METHOD") == "HEAD"
-        if head:   # answered as a GET without its body, as before the library served /metrics
-            environ = {**environ, "REQUEST_METHOD": "GET"}
-        body = self._route(environ, start_response)
-        return [] if head else body
+    # ---- routes --------------------------------------------------------------------------------------
+    async def _metrics(self, request: web.Request) -> web.Response:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": request.query_string,
+                   "HTTP_ACCEPT": request.headers.get("Accept", ""),
+                   "HTTP_ACCEPT_ENCODING": request.headers.get("Accept-Encoding", "")}
+        head: dict[str, Any] = {}
 
-    def _route(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            try:
-                return self._metrics_app(environ, start_response)
-            except Exception as exc:  # noqa: BLE001 - one failed scrape must not stop the server
-                log.warning("metrics scrape failed", exc_info=True)
-                return _text(start_response, "500 Internal Server Error",
-                             f"scrape failed: {type(exc).__name__}: {exc}"[:300] + "\n")
-        if path == "/healthz":
-            reason = self._health()
-            if reason:
-                return _text(start_response, "503 Service Unavailable", reason + "\n")
-            return _text(start_response, "200 OK", "ok\n")
-        return _text(start_response, "404 Not Found", "not found: try /metrics or /healthz\n")
+        def scrape() -> bytes:
+            def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+                head["status"], head["headers"] = int(status.split()[0]), headers
+            return b"".join(self._metrics_app(environ, start_response))
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(None, scrape)
+        except Exception as exc:  # noqa: BLE001 - one failed scrape must not stop the server
+            log.warning("metrics scrape failed", exc_info=True)
+            return text(500, f"scrape failed: {type(exc).__name__}: {exc}"[:300] + "\n")
+        headers = {k: v for k, v in head["headers"] if k.lower() != "content-length"}
+        return web.Response(status=head["status"], body=body, headers=headers)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        reason = await asyncio.get_running_loop().run_in_executor(None, self._health)
+        return text(503, reason + "\n") if reason else text(200, "ok\n")
 
     def _health(self) -> str | None:
         if self._health_check is None:
@@ -115,27 +164,60 @@ class MetricsServer:
         host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 10.0) -> None:
         if self._thread is not None or self._closed:
-            raise RuntimeError("a metrics server starts once")
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="metrics-http", daemon=True)
+            raise RuntimeError("an HTTP server starts once")
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
-        log.info("metrics on %s/metrics", self.url)
+        if not self._ready.wait(timeout) or self.error is not None:
+            raise StreamdError(f"the HTTP server did not start: {self.error or 'timed out'}")
+        log.info("http on %s (/metrics, /healthz%s)", self.url, ", /api/v1, /" if self._parts else "")
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)        # this thread's loop, for whatever asks for "the" loop
+        self.loop = loop
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_S)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.SockSite(runner, self._sock).start())
+            for part in self._parts:
+                part.started(loop)
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self.error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            # Streams still open past the grace time, and the parts' own upkeep, end here.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            # shutdown() waits for serve_forever to return: only call it when it runs.
-            self._server.shutdown()
+        if self._thread is not None and self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("metrics server thread still running after %.1fs", timeout)
-        self._server.server_close()
+                log.warning("http server thread still running after %.1fs", timeout)
+        self._sock.close()
         self.registry.close()
 
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+# The name this server had when it served only /metrics and /healthz.
+MetricsServer = HttpServer

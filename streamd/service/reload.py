@@ -11,7 +11,8 @@ log = logging.getLogger("streamd.daemon")
 
 # Sections bound to sockets or connections opened at start: a reload keeps their running
 # values (with a warning) rather than drop subscribers or broker sessions mid-flight.
-RESTART_ONLY = {"publisher": "the socket stays as is", "outputs": "connections stay as they are"}
+RESTART_ONLY = {"publisher": "the socket stays as is", "outputs": "connections stay as they are",
+                "http": "the server stays as is", "metrics": "the server stays as is"}
 
 
 def keep_restart_only_sections(old: Config, new: Config) -> Config:

@@ -19,14 +19,18 @@ from .snapshots import SnapshotPolicy
 
 log = logging.getLogger("streamd.output")
 
+# Sees each frame with its result (the live view keeps the newest); returns at once.
+FrameTap = Callable[[FrameResult, Frame], None]
+
 
 class OutputStage:
     """Implements the scheduler's ``ResultSink``; also the cameras' health callback."""
 
     def __init__(self, outputs: Sequence[Output], snapshots: SnapshotPolicy, age_bound: Callable[[], float],
                  observe: Callable[[list[FrameResult]], None] | None = None,
-                 objects: TrackedObjects | None = None) -> None:
+                 objects: TrackedObjects | None = None, taps: Sequence[FrameTap] = ()) -> None:
         self.outputs = list(outputs)
+        self.taps = list(taps)
         self.snapshots = snapshots
         self.objects = objects
         self._age_bound = age_bound          # seconds; the scheduler's current frame-age bound
@@ -41,6 +45,8 @@ class OutputStage:
                 r, events = self.objects.frame(r, f)
             tracked.append(r)
             self.fan_out(detections_message(r, bound, self.snapshots.take(r, f)))
+            for tap in self.taps:
+                tap(r, f)
             self.fan_out_all(events)
         self._observe(tracked)
 
