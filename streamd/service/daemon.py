@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backends.choice import open_model_pool
 from ..backends.pool import BackendPool
-from ..config import CameraConfig, Config, ModelConfig, SchedulerConfig, load_config
+from ..config import CameraConfig, Config, load_config
 from ..errors import StreamdError
 from ..outputs.base import Output
 from ..outputs.fanout import build_outputs
@@ -27,7 +26,7 @@ from ..pipeline.output import OutputStage
 from ..pipeline.output.messages import stats_message
 from ..pipeline.output.objects import TrackedObjects, check_tracker_available
 from ..pipeline.output.snapshots import SnapshotPolicy
-from ..pipeline.postprocess import PostprocessParams, postprocess_params, warn_if_conf_below_graph
+from ..pipeline.postprocess import PostprocessParams, postprocess_params
 from ..pipeline.queues import QueueSet
 from ..pipeline.requests import RequestQueue
 from ..pipeline.scheduler import Pipeline
@@ -35,7 +34,9 @@ from ..pipeline.sources.camera import CameraSource, backoff_delay, configure_ffm
 from ..pipeline.sources.select import choose
 from ..redact import scrub
 from .doors import open_fleet_door
+from .health import dead_cameras_problem, died, pipeline_problem, watchdog_health
 from .metrics import PipelineMetrics, build_registry
+from .model import load_backend, model_identity
 from .output_metrics import OutputCollector
 from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
@@ -49,33 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamd.daemon")
 
 CAMERA_JOIN_S = 3.0   # a decoder inside a native read returns within its read timeout
-
-
-def _load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
-    pool = open_model_pool(m.path, m.backend, device=m.device, threads=m.threads,
-                            workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
-                            verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir,
-                            bf16=m.openvino_bf16)
-    warn_if_conf_below_graph(pool.info, m.conf)
-    return pool
-
-
-def _model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
-    """What makes a loaded pool 'the same': the model's settings, the worker layout asked
-    for, and the file's bytes on disk (a file replaced in place counts as a new model)."""
-    try:
-        st = m.path.stat()
-        file_id: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError:
-        file_id = ()
-    return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir,
-            m.openvino_bf16, file_id,
-            s.workers, s.autotune_s)
-
-
-def _died(cam: CameraSource) -> bool:
-    """A decoder thread that ended on an exception without being asked to stop."""
-    return cam.error is not None and not cam.is_alive() and not cam.stop_event.is_set()
 
 
 class Daemon:
@@ -92,12 +66,12 @@ class Daemon:
         self.reloads = {"ok": 0, "failed": 0}
         # A stage silent this long is hung: inference of one batch never legitimately takes it.
         self.watchdog_stall_s = 60.0
-        self._swapping = False      # a pipeline swap in progress is not a hung pipeline
+        self.swapping = False      # a pipeline swap in progress is not a hung pipeline
         configure_ffmpeg_defaults()
         if cfg.scheduler.pipeline_depth is not None:
             log.warning("scheduler.pipeline_depth is no longer used (batches close when a worker is free)")
-        self.backend: BackendPool = _load_backend(cfg.model, cfg.scheduler)
-        self._model_id = _model_identity(cfg.model, cfg.scheduler)
+        self.backend: BackendPool = load_backend(cfg.model, cfg.scheduler)
+        self._model_id = model_identity(cfg.model, cfg.scheduler)
         self.pipeline_metrics = PipelineMetrics(camera_ids=lambda: list(self.cameras))
         self.metrics_server: HttpServer | None = None     # the HTTP server: metrics, health, API, live view
         self.http_tasks: HttpTasks | None = None
@@ -213,22 +187,8 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
-        """None while healthy, else why not (the metrics server's /healthz)."""
-        return self._pipeline_problem() or self._dead_cameras_problem()
-
-    def _pipeline_problem(self) -> str | None:
-        err = self.pipeline.first_error() or self.publisher.error
-        if err is not None:
-            return f"a pipeline stage failed: {type(err).__name__}: {err}"
-        ok, why = self.pipeline.progress_ok(self.watchdog_stall_s)
-        return None if ok else why
-
-    def _dead_cameras_problem(self) -> str | None:
-        """Cameras whose decoder thread died of a bug and awaits its restart, by id only:
-        the error's text may quote the camera's URL."""
-        dead = [f"camera {cid}: decoder thread died ({type(cam.error).__name__}), restart pending"
-                for cid, cam in list(self.cameras.items()) if _died(cam)]
-        return "; ".join(dead) or None
+        """None while healthy, else why not (the HTTP server's /healthz)."""
+        return pipeline_problem(self) or dead_cameras_problem(self.cameras)
 
     def start(self) -> None:
         if self.metrics_server is not None:
@@ -251,7 +211,7 @@ class Daemon:
         now = time.monotonic()
         for cam_id, cam in list(self.cameras.items()):
             cam.check_stall(now)
-            if _died(cam):
+            if died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
         if self.outputs and now >= self._next_output_stats:
             # The ZeroMQ publisher times its own stats messages; the broker outputs get theirs here.
@@ -303,15 +263,7 @@ class Daemon:
         return code
 
     def watchdog_health(self) -> tuple[bool, str]:
-        if self._swapping:
-            return True, "reloading"
-        problem = self._pipeline_problem()
-        if problem is not None:
-            return False, problem
-        # A dead decoder thread is the supervisor's to restart: it shows in the status line,
-        # but the pings go on, since a restart of the service would stop every other camera.
-        return True, (self._dead_cameras_problem()
-                      or f"{len(self.cameras)} cameras, publishing on {self.publisher.bound_endpoint}")
+        return watchdog_health(self)
 
     def request_stop(self, why: str = "") -> None:
         if not self.stop_event.is_set():
@@ -378,8 +330,8 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             check_tracker_available(new)
-            model_changed = _model_identity(new.model, new.scheduler) != self._model_id
-            backend = _load_backend(new.model, new.scheduler) if model_changed else self.backend
+            model_changed = model_identity(new.model, new.scheduler) != self._model_id
+            backend = load_backend(new.model, new.scheduler) if model_changed else self.backend
             try:
                 params = postprocess_params(new.model, backend.info.names)
             except BaseException:
@@ -396,17 +348,17 @@ class Daemon:
         if model_changed or new.scheduler != old.scheduler:
             # The new model is already loaded and warm; swap pipelines, keep the queues.
             pipeline = self._make_pipeline(backend, new, params)
-            self._swapping = True
+            self.swapping = True
             self.pipeline.stop()
             # Counters carry over: metrics are monotonic across a reload.
             pipeline.stats, pipeline.inferred_per_camera = self.pipeline.stats, self.pipeline.inferred_per_camera
             old_backend, self.backend = self.backend, backend
             self.pipeline = pipeline
             pipeline.start()
-            self._swapping = False
+            self.swapping = False
             if old_backend is not backend:
                 old_backend.close()
-                self._model_id = _model_identity(new.model, new.scheduler)
+                self._model_id = model_identity(new.model, new.scheduler)
                 log.info("model now %s", backend.info.describe())
         else:
             self.pipeline.params = params   # read once per batch by the post thread
