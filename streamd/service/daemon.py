@@ -37,6 +37,7 @@ from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
 from .reload import camera_changes, keep_restart_only_sections
 from .requests import RequestServer
+from .retired import RetiredDecoders
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
 
@@ -80,6 +81,7 @@ class Daemon:
         self.reload_event = threading.Event()
         self.started_at = time.time()
         self.cameras: dict[str, CameraSource] = {}
+        self._retired = RetiredDecoders()   # a successor starts once these are gone (supervise_once)
         self.queues = QueueSet()
         self._camera_restarts: dict[str, tuple[int, float]] = {}   # id -> (restarts, not before)
         self._rng = random.Random()
@@ -152,7 +154,8 @@ class Daemon:
         q = self.queues.add(cam_cfg.id, cam_cfg.queue_depth)
         src = CameraSource(cam_cfg, cfg.sources, q, self.output.health)
         self.cameras[cam_cfg.id] = src
-        src.start()
+        if not self._retired.alive(cam_cfg.id):     # else supervise_once starts it when that one is gone
+            src.start()
 
     def _restart_dead_camera(self, cam_id: str, dead: CameraSource, now: float) -> None:
         """A decoder thread that died of a bug (not a camera fault: those it handles itself)
@@ -182,11 +185,14 @@ class Daemon:
         self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
-        src.stop(reason)
-        src.join(CAMERA_JOIN_S)
+        src.retire(reason)
+        if src.ident is not None:       # it may never have started (waiting for its own predecessor)
+            src.join(CAMERA_JOIN_S)
         if src.is_alive():
-            # Still inside a native read; it exits as soon as the read returns.
+            # Still inside a native read; it exits as soon as the read returns, silently, and
+            # the camera's next decoder waits for that.
             log.warning("camera=%s decoder still finishing a read; it will exit on its own", cam_id)
+            self._retired.add(cam_id, src)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
@@ -225,6 +231,8 @@ class Daemon:
         """One round of supervision; raises if a stage thread died (systemd restarts us)."""
         now = time.monotonic()
         for cam_id, cam in list(self.cameras.items()):
+            if cam.ident is None and not self._retired.alive(cam_id):
+                cam.start()         # its retired predecessor has exited
             cam.check_stall(now)
             if _died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
@@ -301,7 +309,8 @@ class Daemon:
             cam.stop()
         self.queues.wake_all()
         for cam in self.cameras.values():
-            cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
+            if cam.ident is not None:       # one waiting for its predecessor never started
+                cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
         if self.request_server is not None:
             self.request_server.stop_accepting()
         self.pipeline.stop(max(0.5, deadline - time.monotonic()))

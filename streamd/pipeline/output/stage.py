@@ -41,8 +41,8 @@ class OutputStage:
             if rr.request.reply_to.answer(rr, dict(body)):
                 self.fan_out(request_result_message(rr, body))
 
-    def health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
-        self.fan_out(health_message(camera_id, state, previous, reason))
+    def health(self, camera_id: str, state: str, previous: str, reason: str, decoder: int | None = None) -> None:
+        self.fan_out(health_message(camera_id, state, previous, reason, decoder))
 
     def fan_out(self, msg: Outbound) -> None:
         for out in self.outputs:

@@ -12,6 +12,7 @@ so (``check_stall``). Only this thread touches its ``cv2.VideoCapture``.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import random
@@ -40,6 +41,10 @@ _PROBE_OPTIONS = "analyzeduration;1000000"
 _DEFAULT_FFMPEG_OPTIONS = f"rtsp_transport;tcp|{_PROBE_OPTIONS}"
 _open_lock = threading.Lock()
 _DECODE_WARN_EVERY_S = 10.0
+# Every decoder instance gets its own number: a camera id outlives its decoders (a reload
+# that changes or re-adds a camera starts a new one), and health messages name the instance
+# so a subscriber can tell a successor from a predecessor.
+_instances = itertools.count(1)
 
 
 def configure_ffmpeg_defaults() -> None:
@@ -87,7 +92,7 @@ class CameraStats:
     height: int = 0
 
 
-HealthCallback = Callable[[str, str, str, str], None]   # camera_id, state, previous, reason
+HealthCallback = Callable[[str, str, str, str, int], None]   # camera_id, state, previous, reason, decoder
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -102,6 +107,7 @@ class CameraSource(threading.Thread):
                  on_health: HealthCallback) -> None:
         super().__init__(name=f"cam-{cam.id}", daemon=True)
         self.cam = cam
+        self.instance = next(_instances)
         self.defaults = defaults
         self.queue = queue
         self.stats = CameraStats()
@@ -111,9 +117,11 @@ class CameraSource(threading.Thread):
         self._rng = random.Random()
         self._frame_no = 0
         self._in_read_since = 0.0           # monotonic time a read began; 0 when not reading
+        self._last_grab_mono = 0.0          # the last frame of this connection came then; 0: none yet
         self.in_native_open = False         # inside cv2.VideoCapture(...): cannot be interrupted
         self._stall_reported = False
         self._lock = threading.Lock()
+        self._retired = False               # retire() ran: this instance announces nothing more
         self._stop_reason = "daemon stopping"
         self._decode_warned_at = -_DECODE_WARN_EVERY_S     # the first decode error is logged at once
         self._decode_errors_unlogged = 0
@@ -123,38 +131,61 @@ class CameraSource(threading.Thread):
     def state(self) -> State:
         return State(self.stats.state)
 
-    def _set_state(self, new: State, reason: str = "") -> None:
+    def _set_state(self, new: State, reason: str = "", retire: bool = False) -> None:
+        reason = scrub(reason)
+        # One lock over the change and its announcement, which retire() takes too: health
+        # messages leave in the order the states changed, and once a retired decoder's
+        # "stopped" is out, nothing more of that instance can follow it.
         with self._lock:
+            if self._retired:
+                # A successor may own this camera id now: what this instance does after its
+                # retirement is its own business, not the camera's health.
+                log.debug("retired decoder state", extra={"camera": self.cam.id, "decoder": self.instance,
+                                                          "state": new.value, "reason": reason or "-"})
+                return
+            self._retired = retire
             old = self.stats.state
             if old == new.value and not reason:
                 return
             self.stats.state = new.value
             self.stats.state_since = time.time()
-        reason = scrub(reason)
-        # Failures (lost, stalled, reconnecting, ended) at WARNING: `journalctl -p warning` shows them.
-        level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
-        log.log(level, "camera state", extra={"camera": self.cam.id, "state": new.value, "previous": old,
-                                              "reason": reason or "-"})
-        try:
-            self._on_health(self.cam.id, new.value, old, reason)
-        except Exception:  # a broken listener must not take the camera down
-            log.exception("camera health listener failed", extra={"camera": self.cam.id})
+            # Failures (lost, stalled, reconnecting, ended) at WARNING: `journalctl -p warning` shows them.
+            level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
+            log.log(level, "camera state", extra={"camera": self.cam.id, "state": new.value, "previous": old,
+                                                  "reason": reason or "-", "decoder": self.instance})
+            try:
+                self._on_health(self.cam.id, new.value, old, reason, self.instance)
+            except Exception:  # a broken listener must not take the camera down
+                log.exception("camera health listener failed", extra={"camera": self.cam.id})
 
     def check_stall(self, now: float | None = None) -> bool:
-        """Supervisor hook: flag a decoder stuck inside a read longer than the stall timeout
-        (the read timeout should fire first; this catches decoders that ignore it)."""
+        """Supervisor hook: flag a stream whose last frame is older than the stall timeout,
+        counted from that frame (not from the start of a read, which may have begun later),
+        whether or not its decoder returns from its reads."""
         now = time.monotonic() if now is None else now
-        since = self._in_read_since
-        if since and now - since > self.defaults.stall_timeout_s and not self._stall_reported \
+        last = self._last_grab_mono
+        if last and now - last > self.defaults.stall_timeout_s and not self._stall_reported \
                 and self.state == State.STREAMING:
             self._stall_reported = True
-            self._set_state(State.STALLED, f"no frame for {now - since:.1f}s (decoder not returning)")
+            self._set_state(State.STALLED, f"no frame for {now - last:.1f}s"
+                            + (" (decoder not returning)" if self._in_read_since else ""))
             return True
         return False
 
     def stop(self, reason: str = "daemon stopping") -> None:
         self._stop_reason = reason
         self.stop_event.set()
+
+    def retire(self, reason: str) -> None:
+        """Stop for good and announce ``stopped`` now, from the caller's thread: a decoder
+        blocked in a native read may only notice much later, when a successor may already
+        own the camera id, so its own last word would be a ghost's. Silent from here on."""
+        self.stop(reason)
+        if self.is_alive():
+            self._set_state(State.STOPPED, reason, retire=True)
+        else:       # never started, or already said its last word (ended, died)
+            with self._lock:
+                self._retired = True
 
     # ---- thread -----------------------------------------------------------------------
     def run(self) -> None:
@@ -175,14 +206,20 @@ class CameraSource(threading.Thread):
         attempt = 0
         while not self.stop_event.is_set():
             self._set_state(State.CONNECTING, f"opening {self.cam.safe_url}")
+            began = time.monotonic()
             cap, reason = self._open()
             if cap is None:
+                # The open's own timeout and a diagnosis probe add up: say what the attempt took.
+                took = time.monotonic() - began
+                if took >= 1:
+                    reason += f"; gave up {took:.1f}s after the attempt began"
                 self._backoff(attempt, reason)
                 attempt += 1
                 continue
             try:
                 outcome, reason, got_frames = self._stream(cap)
             finally:
+                self._last_grab_mono = 0.0
                 cap.release()
             if got_frames:
                 attempt = 0
@@ -278,6 +315,7 @@ class CameraSource(threading.Thread):
         frame_interval = 0.0    # smoothed time between two decoded frames
         last_grab = 0.0
         read_timeout = self.defaults.read_timeout_s
+        opened = time.monotonic()
         while not self.stop_event.is_set():
             if pace:
                 # Files replay at their own rate, like the camera that recorded them.
@@ -300,12 +338,13 @@ class CameraSource(threading.Thread):
                         continue
                     return ("ended" if not self.cam.loop else "lost"), "end of file", got_frames
                 if now - t0 >= 0.8 * read_timeout:
-                    return "stalled", f"no frame for {now - t0:.1f}s (stream stalled)", got_frames
+                    # Since the last frame, not since this read began: that is what went missing.
+                    return "stalled", f"no frame for {now - (last_grab or opened):.1f}s (stream stalled)", got_frames
                 return "lost", "stream ended or connection dropped", got_frames
             if last_grab:
                 gap = now - last_grab
                 frame_interval = gap if not frame_interval else 0.9 * frame_interval + 0.1 * gap
-            last_grab = now
+            last_grab = self._last_grab_mono = now
             if cap_interval:
                 if now < next_due:
                     self.stats.dropped_fps_cap += 1
