@@ -326,7 +326,20 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         register_url(cam.url)
         register_secret(cam.password)
     _check_tracker_installed(cfg, source, lines)
+    _check_startable(cfg, source, lines)
     return cfg
+
+
+def _check_startable(cfg: Config, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """What the daemon refuses at start, before any camera opens, refused here already: so
+    ``streamd check`` says OK only to a config ``streamd run`` accepts. (Whether a backend
+    opens model.path is the backend registry's to say: ``streamd check`` asks it.)"""
+    from .security import publisher_exposure_problem
+    pub = cfg.publisher
+    problem = publisher_exposure_problem(pub.endpoint, pub.curve is not None, pub.allow_non_loopback)
+    if problem is not None:
+        raise ConfigError(problem, source=source, field="publisher.endpoint",
+                          line=line_for(("publisher", "endpoint"), lines))
 
 
 def _check_tracker_installed(cfg: Config, source: str, lines: dict[tuple[Any, ...], int]) -> None:

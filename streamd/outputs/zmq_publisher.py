@@ -26,7 +26,7 @@ from .. import protocol
 from ..config import PublisherConfig
 from ..errors import PublishError
 from ..security import (KeyFileError, ServerSecurity, apply_server, endpoint_is_loopback, load_allowed_keys,
-                        load_secret_key_file)
+                        load_secret_key_file, publisher_exposure_problem)
 
 from .base import Outbound
 
@@ -78,14 +78,13 @@ class Publisher(threading.Thread):
         # Bind in the constructor (caller's thread) so a bad endpoint fails start-up loudly;
         # the socket is then used only by this thread.
         curve = self.cfg.curve
+        problem = publisher_exposure_problem(self.cfg.endpoint, curve is not None, self.cfg.allow_non_loopback)
+        if problem is not None:
+            raise PublishError(f"publisher.endpoint {problem}")
         if not endpoint_is_loopback(self.cfg.endpoint):
             if curve is not None:
                 log.info("publishing on %s with CURVE: encrypted, only listed client keys may subscribe",
                          self.cfg.endpoint)
-            elif not self.cfg.allow_non_loopback:
-                raise PublishError(f"publisher.endpoint {self.cfg.endpoint} is not a loopback address; "
-                                   f"configure publisher.curve to encrypt it, or set "
-                                   f"publisher.allow_non_loopback: true to publish unencrypted to the network")
             else:
                 log.warning("publishing on %s: reachable from the network, messages are not encrypted",
                             self.cfg.endpoint)
