@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.types import FiniteFloat
 
 # load_yaml, validate_model and parse_model are part of this module's interface too: the
@@ -231,9 +231,24 @@ class RequestsConfig(StrictModel):
     endpoint: str = "tcp://127.0.0.1:5556"
     queue_size: int = Field(32, ge=1, le=10000, description="accepted requests waiting; beyond: 'busy'")
     share: float = Field(0.25, ge=0, le=1, description="part of each batch kept for requests while cameras wait")
-    max_image_bytes: int = Field(20_000_000, ge=1000)
+    max_image_bytes: int = Field(20_000_000, ge=1000, description="a larger picture gets an 'error' reply")
+    max_message_bytes: int | None = Field(
+        None, ge=2000, description="a request message larger than this is not received at all: ZeroMQ closes "
+                                   "the client's connection, no reply (default: 4 x max_image_bytes + 64 KiB)")
     max_pixels: int = Field(50_000_000, ge=1000)
     timeout_s: float = Field(30, gt=0, description="an accepted request not inferred by then gets an error")
+
+    @property
+    def receive_limit(self) -> int:
+        """Bytes one request message may have to be received and answered (even with an error)."""
+        return self.max_message_bytes or 4 * self.max_image_bytes + 65536
+
+    @model_validator(mode="after")
+    def _limits(self) -> RequestsConfig:
+        if self.receive_limit <= self.max_image_bytes:
+            raise ValueError("max_message_bytes must be larger than max_image_bytes, or an oversized picture "
+                             "could not be told so")
+        return self
 
     @field_validator("endpoint")
     @classmethod
