@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.fixtures_daemon import wait_until
+from tests.fixtures_rtsp import load_make_test_media
 from tests.test_daemon import base_config
 
 # Reads longer than the daemon's join of a retired decoder (3 s): a decoder blocked in a
@@ -154,3 +155,33 @@ def test_a_failed_open_says_how_long_the_attempt_took(yolov8n_onnx_320: Path, da
         assert abs(said - took) < 0.5, (said, took, retry["reason"])
         assert took > 3.0       # the open's timeout, then a probe: more than either alone says
         assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_corrupt_file_is_read_to_its_real_end_and_its_errors_counted(
+        yolov8n_onnx_320: Path, test_media, daemon_factory, collector_factory, tmp_path: Path) -> None:
+    clip = test_media["bus"]
+    corrupt = load_make_test_media().corrupt_clip(clip.mp4, tmp_path / "bus-corrupt.mp4")
+    cams = [{"id": "once", "url": str(corrupt)}, {"id": "looped", "url": str(corrupt), "loop": True}]
+    cfg = base_config(yolov8n_onnx_320, cams)
+    d = daemon_factory(cfg)
+    c = collector_factory(cfg["publisher"]["endpoint"])
+    ended = c.wait_for(lambda m: m["type"] == "health" and m["camera"] == "once" and m["state"] == "ended", 90,
+                       f"the file's end\n{d.log()[-2000:]}")
+    assert ended["reason"] == "end of file"
+    once = wait_until(lambda: next((m["cameras"]["once"] for m in reversed(c.of("stats"))
+                                    if m["cameras"]["once"]["state"] == "ended"), None), 30, what="final stats")
+    read = once["decoded"] + once["skipped"] + once["dropped"]["fps_cap"]
+    # Every frame of the clip was either read or counted as undecodable; FFmpeg's concealed
+    # frames are counted too.
+    assert once["decode_errors"] >= 1 and once.get("corrupt_frames", 0) >= 1, once
+    assert read + once["decode_errors"] >= clip.frame_count - 1, (once, clip.frame_count)
+
+    def looped_twice() -> dict[str, Any] | None:
+        m = c.of("stats")[-1]["cameras"]["looped"]
+        return m if m["decoded"] + m["skipped"] >= 2 * read + 2 else None
+    looped = wait_until(looped_twice, 60, what="the looped camera's second pass")
+    # A second pass over the whole clip, errors and all: not the first seconds replayed.
+    assert looped["decode_errors"] >= 2 * once["decode_errors"] - 1, (looped, once)
+    assert looped["state"] == "streaming"
+    assert d.stop() == 0

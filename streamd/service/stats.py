@@ -23,6 +23,7 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
                         "fps_cap": s.dropped_fps_cap},
             "skipped": s.skipped,
             "reconnects": s.reconnects, "decode_errors": s.decode_errors,
+            "corrupt_frames": s.corrupt_frames,
             "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
         }
     st = pipeline.stats

@@ -28,6 +28,7 @@ from ...config import CameraConfig, SourceDefaults
 from ...entities import Frame
 from ..queues import RingQueue
 from ...redact import scrub
+from . import ffmpeg_errors
 from .rtsp_probe import diagnose
 
 log = logging.getLogger("streamd.source")
@@ -41,9 +42,8 @@ _PROBE_OPTIONS = "analyzeduration;1000000"
 _DEFAULT_FFMPEG_OPTIONS = f"rtsp_transport;tcp|{_PROBE_OPTIONS}"
 _open_lock = threading.Lock()
 _DECODE_WARN_EVERY_S = 10.0
-# Every decoder instance gets its own number: a camera id outlives its decoders (a reload
-# that changes or re-adds a camera starts a new one), and health messages name the instance
-# so a subscriber can tell a successor from a predecessor.
+# Each decoder instance is numbered: a reload that changes or re-adds a camera starts a new
+# one, and health names it, so a subscriber tells a successor from a predecessor.
 _instances = itertools.count(1)
 
 
@@ -84,7 +84,8 @@ class CameraStats:
     inferred: int = 0
     published: int = 0
     reconnects: int = 0
-    decode_errors: int = 0
+    decode_errors: int = 0      # frames the decoder could not give (skipped; a file goes on after them)
+    corrupt_frames: int = 0     # frames given with errors FFmpeg found and concealed (see ffmpeg_errors)
     state: str = State.STARTING.value
     state_since: float = field(default_factory=time.time)
     last_frame_mono: float = 0.0
@@ -133,15 +134,10 @@ class CameraSource(threading.Thread):
 
     def _set_state(self, new: State, reason: str = "", retire: bool = False) -> None:
         reason = scrub(reason)
-        # One lock over the change and its announcement, which retire() takes too: health
-        # messages leave in the order the states changed, and once a retired decoder's
-        # "stopped" is out, nothing more of that instance can follow it.
+        # One lock over the change and its announcement (retire() takes it too): health leaves
+        # in the order of the changes, and nothing follows a retired decoder's "stopped".
         with self._lock:
-            if self._retired:
-                # A successor may own this camera id now: what this instance does after its
-                # retirement is its own business, not the camera's health.
-                log.debug("retired decoder state", extra={"camera": self.cam.id, "decoder": self.instance,
-                                                          "state": new.value, "reason": reason or "-"})
+            if self._retired:   # a successor may own the camera id now: this one speaks no more
                 return
             self._retired = retire
             old = self.stats.state
@@ -159,9 +155,8 @@ class CameraSource(threading.Thread):
                 log.exception("camera health listener failed", extra={"camera": self.cam.id})
 
     def check_stall(self, now: float | None = None) -> bool:
-        """Supervisor hook: flag a stream whose last frame is older than the stall timeout,
-        counted from that frame (not from the start of a read, which may have begun later),
-        whether or not its decoder returns from its reads."""
+        """Supervisor hook: flag a stream whose last frame is older than the stall timeout
+        (counted from that frame, not from the start of a read), returning reads or not."""
         now = time.monotonic() if now is None else now
         last = self._last_grab_mono
         if last and now - last > self.defaults.stall_timeout_s and not self._stall_reported \
@@ -177,9 +172,8 @@ class CameraSource(threading.Thread):
         self.stop_event.set()
 
     def retire(self, reason: str) -> None:
-        """Stop for good and announce ``stopped`` now, from the caller's thread: a decoder
-        blocked in a native read may only notice much later, when a successor may already
-        own the camera id, so its own last word would be a ghost's. Silent from here on."""
+        """Stop for good and announce ``stopped`` now, from the caller's thread: a decoder in
+        a native read notices only later, when its last word would be a ghost's."""
         self.stop(reason)
         if self.is_alive():
             self._set_state(State.STOPPED, reason, retire=True)
@@ -196,6 +190,7 @@ class CameraSource(threading.Thread):
             log.error("camera thread failed", extra={"camera": self.cam.id,
                                                       "error": scrub(f"{type(exc).__name__}: {exc}")})
         finally:
+            ffmpeg_errors.forget_this_thread()
             if self.stop_event.is_set():
                 self._set_state(State.STOPPED, self._stop_reason)
             elif self.state != State.ENDED:
@@ -290,6 +285,8 @@ class CameraSource(threading.Thread):
                 cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
         except cv2.error as exc:
             return None, scrub(f"decoder error while opening ({exc})")
+        # After an open: OpenCV sets its own log callback at its first one, and ours must win.
+        ffmpeg_errors.install()
         if cap.isOpened():
             return cap, ""
         cap.release()
@@ -301,6 +298,17 @@ class CameraSource(threading.Thread):
         if kind == "file":
             return None, "the video file could not be opened (unsupported or corrupt)"
         return None, "could not be opened"
+
+    def _skip_undecodable(self, cap: cv2.VideoCapture, skipped_to: float) -> float:
+        """A failed grab inside a file is an undecodable frame, not the end (the index knows
+        where that is): count it, seek past it. Returns the frame sought, or -1 at the end."""
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0
+        # Never back: FFmpeg may report the failed frame's position as an earlier one.
+        target = max(cap.get(cv2.CAP_PROP_POS_FRAMES) or 0.0, skipped_to) + 1
+        if not 0 < target < count:
+            return -1.0
+        self._decode_error("undecodable frame in the file, skipped")
+        return target if cap.set(cv2.CAP_PROP_POS_FRAMES, target) else -1.0
 
     def _stream(self, cap: cv2.VideoCapture) -> tuple[str, str, bool]:
         """Read until stop, end of stream, or failure: returns (outcome, reason, got_frames)."""
@@ -316,6 +324,7 @@ class CameraSource(threading.Thread):
         last_grab = 0.0
         read_timeout = self.defaults.read_timeout_s
         opened = time.monotonic()
+        skipped_to = -1.0       # the frame a failed grab in a file last skipped to
         while not self.stop_event.is_set():
             if pace:
                 # Files replay at their own rate, like the camera that recorded them.
@@ -325,6 +334,7 @@ class CameraSource(threading.Thread):
                 next_pace = max(next_pace + pace, time.monotonic() - 1.0)
             t0 = time.monotonic()
             self._in_read_since = t0
+            ffmpeg_before = ffmpeg_errors.errors_on_this_thread()
             try:
                 ok = cap.grab()
             except cv2.error:
@@ -334,6 +344,9 @@ class CameraSource(threading.Thread):
             now = time.monotonic()
             if not ok:
                 if is_file and got_frames:
+                    skipped_to = self._skip_undecodable(cap, skipped_to)
+                    if skipped_to >= 0:
+                        continue
                     if self.cam.loop and cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
                         continue
                     return ("ended" if not self.cam.loop else "lost"), "end of file", got_frames
@@ -345,6 +358,8 @@ class CameraSource(threading.Thread):
                 gap = now - last_grab
                 frame_interval = gap if not frame_interval else 0.9 * frame_interval + 0.1 * gap
             last_grab = self._last_grab_mono = now
+            if ffmpeg_errors.errors_on_this_thread() != ffmpeg_before:
+                self.stats.corrupt_frames += 1
             if cap_interval:
                 if now < next_due:
                     self.stats.dropped_fps_cap += 1
