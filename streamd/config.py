@@ -90,7 +90,12 @@ class PublisherConfig(StrictModel):
     curve: CurveConfig | None = Field(None, description="encrypt and admit only listed subscriber keys")
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     stats_interval_s: float = Field(10.0, gt=0, le=3600, description="how often the stats message goes out")
-    sndhwm: int = Field(10000, ge=1)
+    sndhwm: int = Field(10000, ge=1, description="messages queued per subscriber (at most; see subscriber_buffer_mb)")
+    subscriber_buffer_mb: float = Field(
+        64, gt=0, le=65536, description="with snapshots: what one subscriber that stops reading may make the daemon "
+                                        "hold; its queue is cut to this / (snapshot_max_bytes + 64 KiB) messages")
+    snapshot_max_bytes: int = Field(1_000_000, ge=10_000, le=50_000_000,
+                                    description="a larger snapshot JPEG is re-encoded smaller to fit")
     queue_size: int = Field(10000, ge=1, description="messages buffered before the socket")
     allow_non_loopback: bool = False
 

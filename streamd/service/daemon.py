@@ -35,7 +35,7 @@ from ..redact import scrub
 from .http import MetricsServer
 from .metrics import PipelineMetrics, build_registry
 from .output_metrics import OutputCollector
-from .reload import camera_changes, keep_restart_only_sections
+from .reload import camera_changes, keep_restart_only_sections, snapshots_on
 from .requests import RequestServer
 from .retired import RetiredDecoders
 from .stats import daemon_stats
@@ -105,12 +105,13 @@ class Daemon:
             else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
-            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
+            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats, snapshots=snapshots_on(cfg),
                                        on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
             names = self.backend.info.names
             labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
             self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
-            self.output = OutputStage([self.publisher, *self.outputs], SnapshotPolicy(self._camera_settings),
+            self.output = OutputStage([self.publisher, *self.outputs],
+                                      SnapshotPolicy(self._camera_settings, cfg.publisher.snapshot_max_bytes),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results)
             if self.request_queue is not None:
@@ -189,8 +190,7 @@ class Daemon:
         if src.ident is not None:       # it may never have started (waiting for its own predecessor)
             src.join(CAMERA_JOIN_S)
         if src.is_alive():
-            # Still inside a native read; it exits as soon as the read returns, silently, and
-            # the camera's next decoder waits for that.
+            # In a native read: it exits, silently, when that returns; a successor waits for it.
             log.warning("camera=%s decoder still finishing a read; it will exit on its own", cam_id)
             self._retired.add(cam_id, src)
 

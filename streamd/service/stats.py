@@ -37,7 +37,8 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
                       "threads_per_worker": d.backend.layout.threads,
                       "worker_batches": {str(k): v for k, v in sorted(st.worker_batches.items())},
                       "max_frame_age_ms": round(1000 * pipeline.age_bound_s(), 1)},
-        "publisher": {"sent": d.publisher.sent, "dropped": d.publisher.dropped, "stale": d.publisher.stale},
+        "publisher": {"sent": d.publisher.sent, "dropped": d.publisher.dropped, "stale": d.publisher.stale,
+                      "sndhwm": d.publisher.sndhwm},
         "reloads": dict(d.reloads),
         **({"outputs": {out.name: out.counters() for out in d.outputs}} if d.outputs else {}),
         **({"requests": {"queued": len(d.request_server.queue), **d.request_server.metrics.outcome_counts()}}
