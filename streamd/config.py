@@ -120,6 +120,8 @@ class SourceDefaults(StrictModel):
     backoff_max_s: float = Field(30, gt=0, le=3600)
     decoder_threads: int = Field(1, ge=0, le=64, description="FFmpeg threads per camera (0: FFmpeg decides). "
                                  "One each scales best to many cameras on a small box.")
+    count_corrupt_frames: bool = Field(True, description="count frames FFmpeg concealed errors in (corrupt_frames) "
+                                       "from its log; each log line takes the GIL, a few ms a frame when busy")
 
 
 class TrackingConfig(StrictModel):

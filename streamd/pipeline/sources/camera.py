@@ -285,8 +285,8 @@ class CameraSource(threading.Thread):
                 cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
         except cv2.error as exc:
             return None, scrub(f"decoder error while opening ({exc})")
-        # After an open: OpenCV sets its own log callback at its first one, and ours must win.
-        ffmpeg_errors.install()
+        if self.defaults.count_corrupt_frames:     # after an open: OpenCV sets its own log callback then
+            ffmpeg_errors.install()
         if cap.isOpened():
             return cap, ""
         cap.release()
