@@ -114,7 +114,12 @@ class PublisherConfig(StrictModel):
     curve: CurveConfig | None = Field(None, description="encrypt and admit only listed subscriber keys")
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     stats_interval_s: float = Field(10.0, gt=0, le=3600, description="how often the stats message goes out")
-    sndhwm: int = Field(10000, ge=1)
+    sndhwm: int = Field(10000, ge=1, description="messages queued per subscriber (at most; see subscriber_buffer_mb)")
+    subscriber_buffer_mb: float = Field(
+        64, gt=0, le=65536, description="with snapshots: what one subscriber that stops reading may make the daemon "
+                                        "hold; its queue is cut to this / (snapshot_max_bytes + 64 KiB) messages")
+    snapshot_max_bytes: int = Field(1_000_000, ge=10_000, le=50_000_000,
+                                    description="a larger snapshot JPEG is re-encoded smaller to fit")
     queue_size: int = Field(10000, ge=1, description="messages buffered before the socket")
     allow_non_loopback: bool = False
 
@@ -139,6 +144,8 @@ class SourceDefaults(StrictModel):
     backoff_max_s: float = Field(30, gt=0, le=3600)
     decoder_threads: int = Field(1, ge=0, le=64, description="FFmpeg threads per camera (0: FFmpeg decides). "
                                  "One each scales best to many cameras on a small box.")
+    count_corrupt_frames: bool = Field(True, description="count frames FFmpeg concealed errors in (corrupt_frames) "
+                                       "from its log; each log line takes the GIL, a few ms a frame when busy")
     decoder: Decoder = Field(
         "opencv", description="opencv: in the daemon's process; ffmpeg / gstreamer: a child process per camera "
                               "that scales frames to the model's size; auto: the best that works here")
@@ -269,11 +276,26 @@ class RequestsConfig(StrictModel):
     endpoint: str = "tcp://127.0.0.1:5556"
     queue_size: int = Field(32, ge=1, le=10000, description="accepted requests waiting; beyond: 'busy'")
     share: float = Field(0.25, ge=0, le=1, description="part of each batch kept for requests while cameras wait")
-    max_image_bytes: int = Field(20_000_000, ge=1000)
+    max_image_bytes: int = Field(20_000_000, ge=1000, description="a larger picture gets an 'error' reply")
+    max_message_bytes: int | None = Field(
+        None, ge=2000, description="a request message larger than this is not received at all: ZeroMQ closes "
+                                   "the client's connection, no reply (default: 4 x max_image_bytes + 64 KiB)")
     max_pixels: int = Field(50_000_000, ge=1000)
     timeout_s: float = Field(30, gt=0, description="an accepted request not inferred by then gets an error")
     redis: RedisRequestsConfig | None = Field(None, description="also take requests from a Redis stream "
                                               "shared by a fleet of daemons (docs/FLEET.md)")
+
+    @property
+    def receive_limit(self) -> int:
+        """Bytes one request message may have to be received and answered (even with an error)."""
+        return self.max_message_bytes or 4 * self.max_image_bytes + 65536
+
+    @model_validator(mode="after")
+    def _limits(self) -> RequestsConfig:
+        if self.receive_limit <= self.max_image_bytes:
+            raise ValueError("max_message_bytes must be larger than max_image_bytes, or an oversized picture "
+                             "could not be told so")
+        return self
 
     @field_validator("endpoint")
     @classmethod
@@ -395,7 +417,20 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         register_url(cam.url)
         register_secret(cam.password)
     _check_tracker_installed(cfg, source, lines)
+    _check_startable(cfg, source, lines)
     return cfg
+
+
+def _check_startable(cfg: Config, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """What the daemon refuses at start, before any camera opens, refused here already: so
+    ``streamd check`` says OK only to a config ``streamd run`` accepts. (Whether a backend
+    opens model.path is the backend registry's to say: ``streamd check`` asks it.)"""
+    from .security import publisher_exposure_problem
+    pub = cfg.publisher
+    problem = publisher_exposure_problem(pub.endpoint, pub.curve is not None, pub.allow_non_loopback)
+    if problem is not None:
+        raise ConfigError(problem, source=source, field="publisher.endpoint",
+                          line=line_for(("publisher", "endpoint"), lines))
 
 
 def _check_tracker_installed(cfg: Config, source: str, lines: dict[tuple[Any, ...], int]) -> None:

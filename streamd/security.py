@@ -11,6 +11,7 @@ knows it reached the right server.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import re
@@ -28,14 +29,30 @@ from .errors import StreamdError
 
 log = logging.getLogger("streamd.security")
 
-_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-
-
 def endpoint_is_loopback(endpoint: str) -> bool:
+    """Whether a bind endpoint stays on this machine. Only a loopback address or
+    ``localhost`` counts: a wildcard (``*``, ``0.0.0.0``, ``[::]``), an interface name or any
+    other host name may reach the network (and ``127.0.0.1.example.com`` is no loopback)."""
     if not endpoint.startswith("tcp://"):
         return True   # ipc:// and inproc:// never leave the machine
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-    return host.startswith(_LOOPBACK_HOSTS)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def publisher_exposure_problem(endpoint: str, encrypted: bool, allow_non_loopback: bool) -> str | None:
+    """Why the daemon refuses to publish on ``endpoint``, or None: plain text to the network
+    only when the config says so. ``streamd check`` and the publisher ask the same question."""
+    if endpoint_is_loopback(endpoint) or encrypted or allow_non_loopback:
+        return None
+    return (f"{endpoint} is not a loopback address; configure publisher.curve to encrypt it, or set "
+            f"publisher.allow_non_loopback: true to publish unencrypted to the network")
 
 
 PUBLIC_SUFFIX = ".key"

@@ -9,7 +9,7 @@ from typing import Any
 def camera_stats(state: str = "streaming", n: int = 100) -> dict[str, Any]:
     return {"state": state, "decoded": n, "skipped": 2 * n, "inferred": n - 5, "published": n - 6,
             "dropped": {"queue_full": 3, "too_old": 2, "fps_cap": 40}, "reconnects": 1, "decode_errors": 0,
-            "queue_depth": 2, "width": 1920, "height": 1080}
+            "corrupt_frames": 7, "queue_depth": 2, "width": 1920, "height": 1080}
 
 
 def daemon_stats(cameras: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,10 @@ detector has people to find) this writes, for each image ``NAME``:
 With ``--tracks`` it also writes the ground-truth tracking sequences of
 ``make_tracking_media.py`` (people walking known paths at 5 and 15 fps, boxes in ``gt.txt``).
 
+With ``--corrupt`` it also writes ``NAME-corrupt.mp4``: the clip with random bytes in places
+of its coded pictures (the container's index left whole), like a file damaged on a flaky
+disk or by a bad transfer (``corrupt_clip()``).
+
 Runs with the project's virtual environment (numpy, OpenCV) and the ``ffmpeg`` binary.
 Outputs already present with the same parameters are kept, so calling it again is cheap.
 
@@ -27,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -243,6 +248,43 @@ def _write_h264(frames_dir: Path, mp4: Path, h264: Path, fps: int) -> None:
         tmp_h264.unlink(missing_ok=True)
 
 
+def _mdat_span(data: bytes) -> tuple[int, int]:
+    """Where the coded pictures are: the payload of the top-level ``mdat`` box."""
+    pos = 0
+    while pos + 8 <= len(data):
+        size, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        header = 8
+        if size == 1:                       # 64-bit size follows
+            size, header = int.from_bytes(data[pos + 8:pos + 16], "big"), 16
+        elif size == 0:                     # to the end of the file
+            size = len(data) - pos
+        if kind == b"mdat":
+            return pos + header, pos + size
+        if size < header:
+            break
+        pos += size
+    raise ValueError("no mdat box: not an MP4 file")
+
+
+def corrupt_clip(src: str | os.PathLike[str], dst: str | os.PathLike[str], fraction: float = 0.05,
+                 places: int = 10, seed: int = 1) -> Path:
+    """Copy the MP4 ``src`` to ``dst`` with ``fraction`` of its picture bytes randomised in
+    ``places`` evenly spread runs. The index (``moov``) stays whole, so the file opens and
+    knows its length; the damaged pictures fail to decode or are concealed."""
+    data = bytearray(Path(src).read_bytes())
+    lo, hi = _mdat_span(bytes(data))
+    run = max(1, int(fraction * (hi - lo)) // places)
+    rng = random.Random(seed)
+    for k in range(places):
+        start = lo + int((hi - lo - run) * (k + 0.5) / places)
+        data[start:start + run] = rng.randbytes(run)
+    out = Path(dst)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, out)
+    return out
+
+
 def make_media(
     out_dir: str | os.PathLike[str],
     images: list[str | os.PathLike[str]] | None = None,
@@ -344,11 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=10, help="nominal rate of the clips (default: 10)")
     parser.add_argument("--no-h264", dest="h264", action="store_false",
                         help="only make the JPEG sequences")
+    parser.add_argument("--corrupt", action="store_true",
+                        help="also NAME-corrupt.mp4: 5%% of each clip's picture bytes randomised in 10 places")
     parser.add_argument("--tracks", action="store_true",
                         help="also the ground-truth tracking sequences at 5 and 15 fps (make_tracking_media.py)")
     args = parser.parse_args(argv)
     try:
-        make_media(args.out_dir, args.images, args.size, args.frames, args.h264, args.fps, log=True)
+        made = make_media(args.out_dir, args.images, args.size, args.frames, args.h264, args.fps, log=True)
+        for media in made.values():
+            if args.corrupt and media.mp4 is not None:
+                print(f"made   {corrupt_clip(media.mp4, media.mp4.with_name(f'{media.name}-corrupt.mp4'))}")
         if args.tracks:
             load_sibling("make_tracking_media").make_sequences(args.out_dir, h264=args.h264, log=True)
     except (OSError, ValueError, RuntimeError) as exc:

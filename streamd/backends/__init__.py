@@ -22,18 +22,25 @@ def backend_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def backend_for(path: Path, name: str | None = None) -> type[Backend]:
+def backend_name_for(path: Path, name: str | None = None) -> str:
+    """The registered backend that would open ``path`` (nothing imported): lets ``streamd
+    check`` refuse what the daemon would refuse, e.g. a PyTorch ``.pt`` file."""
     if name in (None, "auto"):
         suffix = path.suffix.lower()
         matches = [n for n, (_, sfx) in _REGISTRY.items() if suffix in sfx]
         if not matches:
             known = sorted({s for _, sfx in _REGISTRY.values() for s in sfx})
+            hint = " (a PyTorch file: export it first with streamd-export)" if suffix == ".pt" else ""
             raise ModelError(f"{path}: no backend opens '{suffix or path.name}' files "
-                             f"(known: {', '.join(known)})")
+                             f"(known: {', '.join(known)}){hint}")
         name = matches[0]
     if name not in _REGISTRY:
         raise ModelError(f"unknown backend {name!r} (known: {', '.join(backend_names())})")
-    target = _REGISTRY[name][0]
+    return name
+
+
+def backend_for(path: Path, name: str | None = None) -> type[Backend]:
+    target = _REGISTRY[backend_name_for(path, name)][0]
     module_name, cls_name = target.split(":")
     import importlib
     module = importlib.import_module(module_name)
@@ -52,4 +59,4 @@ def open_backend(path: str | Path, name: str | None = None, **options: Any) -> B
     return backend_for(path, name)(path, **options)
 
 
-__all__ = ["Backend", "ModelInfo", "backend_for", "backend_names", "open_backend"]
+__all__ = ["Backend", "ModelInfo", "backend_for", "backend_name_for", "backend_names", "open_backend"]

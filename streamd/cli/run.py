@@ -9,8 +9,16 @@ from .common import add_logging_args, setup_logging
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from ..backends import backend_name_for
     from ..config import load_config
+    from ..errors import ConfigError, ModelError
     cfg = load_config(args.config)
+    # The daemon picks the backend before anything else; a model file no backend opens
+    # (a PyTorch .pt) fails here as it would there.
+    try:
+        backend_name_for(cfg.model.path, cfg.model.backend)
+    except ModelError as exc:
+        raise ConfigError(str(exc), source=str(args.config), field="model.path") from None
     if args.load_model:
         from ..backends.choice import open_model_pool
         from ..pipeline.postprocess import conf_below_graph

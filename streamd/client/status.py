@@ -19,7 +19,8 @@ _COLUMNS = (
     # (header, right-aligned)
     ("CAMERA", False), ("STATE", False), ("DECODED", True), ("SKIPPED", True), ("INFERRED", True),
     ("PUBLISHED", True),
-    ("DROPS q/old/cap", True), ("RECONN", True), ("QUEUE", True), ("RESOLUTION", False),
+    ("DROPS q/old/cap", True), ("ERRORS bad/corrupt", True), ("RECONN", True), ("QUEUE", True),
+    ("RESOLUTION", False),
 )
 
 
@@ -51,6 +52,7 @@ def _camera_row(cid: str, c: Mapping[str, Any]) -> list[str]:
     return [cid, str(c.get("state", "-")), _int(c.get("decoded")), _int(c.get("skipped")), _int(c.get("inferred")),
             _int(c.get("published")),
             "/".join(_int(d.get(k)) for k in ("queue_full", "too_old", "fps_cap")),
+            f"{_int(c.get('decode_errors'))}/{_int(c.get('corrupt_frames'))}",
             _int(c.get("reconnects")), _int(c.get("queue_depth")), res]
 
 

@@ -26,11 +26,26 @@ from .. import protocol
 from ..config import PublisherConfig
 from ..errors import PublishError
 from ..security import (KeyFileError, ServerSecurity, apply_server, endpoint_is_loopback, load_allowed_keys,
-                        load_secret_key_file)
+                        load_secret_key_file, publisher_exposure_problem)
 
 from .base import Outbound
 
 log = logging.getLogger("streamd.publisher")
+
+# What a detections message's JSON takes at most, beside its snapshot (hundreds of detections).
+DETECTIONS_BOUND = 64 * 1024
+# However big the messages, a subscriber may fall this many behind before losing any.
+MIN_SNDHWM = 8
+
+
+def subscriber_hwm(cfg: PublisherConfig, snapshots: bool) -> int:
+    """Messages one subscriber's queue holds. ZeroMQ bounds it in messages only, and takes the
+    bound when a subscriber connects (from the value at bind), so with snapshots the bytes
+    are bounded through their size cap: the budget over the largest message there can be."""
+    if not snapshots:
+        return cfg.sndhwm       # detections alone: a few KB each
+    per_message = cfg.snapshot_max_bytes + DETECTIONS_BOUND
+    return max(MIN_SNDHWM, min(cfg.sndhwm, int(cfg.subscriber_buffer_mb * 2**20) // per_message))
 
 
 def topic_for(msg: Outbound) -> bytes:
@@ -50,9 +65,10 @@ def topic_for(msg: Outbound) -> bytes:
 class Publisher(threading.Thread):
     def __init__(self, cfg: PublisherConfig, context: zmq.Context | None = None,
                  stats_provider: Callable[[], dict[str, Any]] | None = None,
-                 on_stale: Callable[[str], None] | None = None) -> None:
+                 on_stale: Callable[[str], None] | None = None, snapshots: bool = False) -> None:
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
+        self.sndhwm = subscriber_hwm(cfg, snapshots)
         self.publisher_id = uuid.uuid4().hex[:12]
         self.host = socket.gethostname()
         self.stop_event = threading.Event()
@@ -78,14 +94,13 @@ class Publisher(threading.Thread):
         # Bind in the constructor (caller's thread) so a bad endpoint fails start-up loudly;
         # the socket is then used only by this thread.
         curve = self.cfg.curve
+        problem = publisher_exposure_problem(self.cfg.endpoint, curve is not None, self.cfg.allow_non_loopback)
+        if problem is not None:
+            raise PublishError(f"publisher.endpoint {problem}")
         if not endpoint_is_loopback(self.cfg.endpoint):
             if curve is not None:
                 log.info("publishing on %s with CURVE: encrypted, only listed client keys may subscribe",
                          self.cfg.endpoint)
-            elif not self.cfg.allow_non_loopback:
-                raise PublishError(f"publisher.endpoint {self.cfg.endpoint} is not a loopback address; "
-                                   f"configure publisher.curve to encrypt it, or set "
-                                   f"publisher.allow_non_loopback: true to publish unencrypted to the network")
             else:
                 log.warning("publishing on %s: reachable from the network, messages are not encrypted",
                             self.cfg.endpoint)
@@ -101,7 +116,7 @@ class Publisher(threading.Thread):
             # to, or clashing with, any other socket of the process.
             self._own_ctx = self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.SNDHWM, self.cfg.sndhwm)
+        sock.setsockopt(zmq.SNDHWM, self.sndhwm)      # before bind: subscribers get the value of then
         sock.setsockopt(zmq.LINGER, 500)
         try:
             if curve is not None:

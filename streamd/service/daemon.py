@@ -38,8 +38,9 @@ from .health import dead_cameras_problem, died, pipeline_problem, watchdog_healt
 from .metrics import PipelineMetrics, build_registry
 from .model import load_backend, model_identity
 from .output_metrics import OutputCollector
-from .reload import camera_changes, keep_restart_only_sections
+from .reload import camera_changes, keep_restart_only_sections, snapshots_on
 from .requests import RequestServer
+from .retired import RetiredDecoders
 from .stats import daemon_stats
 from .systemd import Notifier, Watchdog
 from .web import HttpServer, HttpTasks, LiveHub, api_enabled, build_http_server
@@ -60,6 +61,7 @@ class Daemon:
         self.reload_event = threading.Event()
         self.started_at = time.time()
         self.cameras: dict[str, CameraSource] = {}
+        self._retired = RetiredDecoders()   # a successor starts once these are gone (supervise_once)
         self.queues = QueueSet()
         self._camera_restarts: dict[str, tuple[int, float]] = {}   # id -> (restarts, not before)
         self._rng = random.Random()
@@ -87,13 +89,14 @@ class Daemon:
             if cfg.requests.enabled or fleet_on or api_enabled(cfg) else None
         try:
             params = postprocess_params(cfg.model, self.backend.info.names)
-            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats,
+            self.publisher = Publisher(cfg.publisher, stats_provider=self.stats, snapshots=snapshots_on(cfg),
                                        on_stale=lambda cam: self._on_frame_dropped(cam, "too_old"))
             names = self.backend.info.names
             labels = [names[i] for i in sorted(params.classes)] if params.classes else list(names.values())
             self.outputs = build_outputs(cfg.outputs, cfg.publisher.name or self.publisher.host, labels)
             live = [self.live] if self.live is not None else []
-            self.output = OutputStage([self.publisher, *self.outputs, *live], SnapshotPolicy(self._camera_settings),
+            self.output = OutputStage([self.publisher, *self.outputs, *live],
+                                      SnapshotPolicy(self._camera_settings, cfg.publisher.snapshot_max_bytes),
                                       age_bound=lambda: self.pipeline.age_bound_s(),
                                       observe=self.pipeline_metrics.observe_results, objects=TrackedObjects(cfg),
                                       taps=[v.frame for v in live])
@@ -147,7 +150,8 @@ class Daemon:
         h, w = self.backend.info.input_hw      # child decoders scale frames to fit the model
         src = CameraSource(cam_cfg, cfg.sources, q, self.output.health, decoder=choose(cam_cfg, cfg.sources, (w, h)))
         self.cameras[cam_cfg.id] = src
-        src.start()
+        if not self._retired.alive(cam_cfg.id):     # else supervise_once starts it when that one is gone
+            src.start()
 
     def _restart_dead_camera(self, cam_id: str, dead: CameraSource, now: float) -> None:
         """A decoder thread that died of a bug (not a camera fault: those it handles itself)
@@ -179,11 +183,13 @@ class Daemon:
         self._camera_restarts.pop(cam_id, None)
         if src is None:
             return
-        src.stop(reason)
-        src.join(CAMERA_JOIN_S)
+        src.retire(reason)
+        if src.ident is not None:       # it may never have started (waiting for its own predecessor)
+            src.join(CAMERA_JOIN_S)
         if src.is_alive():
-            # Still inside a native read; it exits as soon as the read returns.
+            # In a native read: it exits, silently, when that returns; a successor waits for it.
             log.warning("camera=%s decoder still finishing a read; it will exit on its own", cam_id)
+            self._retired.add(cam_id, src)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
@@ -210,6 +216,8 @@ class Daemon:
         """One round of supervision; raises if a stage thread died (systemd restarts us)."""
         now = time.monotonic()
         for cam_id, cam in list(self.cameras.items()):
+            if cam.ident is None and not self._retired.alive(cam_id):
+                cam.start()         # its retired predecessor has exited
             cam.check_stall(now)
             if died(cam):
                 self._restart_dead_camera(cam_id, cam, now)
@@ -279,7 +287,8 @@ class Daemon:
             cam.stop()
         self.queues.wake_all()
         for cam in self.cameras.values():
-            cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
+            if cam.ident is not None:       # one waiting for its predecessor never started
+                cam.join(max(0.1, min(CAMERA_JOIN_S, deadline - time.monotonic())))
         for door in self._doors():
             door.stop_accepting()
         if self.http_tasks is not None:

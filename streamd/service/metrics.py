@@ -69,7 +69,10 @@ _CAMERA_COUNTERS = (
     ("published", "streamd_camera_frames_published_total",
      "Detection messages of the camera sent on the PUB socket."),
     ("reconnects", "streamd_camera_reconnects_total", "Times the camera was reopened after losing its stream."),
-    ("decode_errors", "streamd_camera_decode_errors_total", "Frames the decoder failed to return."),
+    ("decode_errors", "streamd_camera_decode_errors_total",
+     "Frames the decoder failed to return (in a file: skipped, the file goes on)."),
+    ("corrupt_frames", "streamd_camera_frames_corrupt_total",
+     "Frames returned with errors FFmpeg found and concealed (counted with decoder_threads: 1)."),
 )
 _CAMERA_GAUGES = (
     ("queue_depth", "streamd_camera_queue_depth", "Frames waiting in the camera's queue."),

@@ -21,11 +21,20 @@ def keep_restart_only_sections(old: Config, new: Config) -> Config:
         if getattr(new, section) != getattr(old, section):
             log.warning("%s settings changed: they apply at the next restart (%s)", section, what)
             new = new.model_copy(update={section: getattr(old, section)})
+    if snapshots_on(new) and not snapshots_on(old):
+        # The subscribers' queues were sized at start for detections alone (outputs.zmq_publisher).
+        log.warning("snapshots turned on by a reload: a subscriber that stops reading is held to "
+                    "publisher.subscriber_buffer_mb only after a restart")
     return new
 
 
 # Camera keys the output stage applies live: a change of them alone does not restart the camera.
 OUTPUT_STAGE_KEYS = {"tracking": None, "zones": {}}
+
+
+def snapshots_on(cfg: Config) -> bool:
+    """Whether any enabled camera attaches snapshots."""
+    return any(c.enabled and c.snapshot != "off" for c in cfg.cameras)
 
 
 def camera_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:

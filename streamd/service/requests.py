@@ -110,7 +110,9 @@ class RequestServer(threading.Thread):
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)    # a vanished client's reply is dropped, not an error
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_image_bytes + 65536)
+        # A picture over max_image_bytes must still be received to be answered with an error;
+        # only beyond receive_limit does ZeroMQ drop the connection (no reply is possible then).
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.receive_limit)
         try:
             sock.bind(cfg.endpoint)
         except zmq.ZMQError as exc:

@@ -24,6 +24,7 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
                         "fps_cap": s.dropped_fps_cap},
             "skipped": s.skipped,
             "reconnects": s.reconnects, "decode_errors": s.decode_errors,
+            "corrupt_frames": s.corrupt_frames,
             "queue_depth": depths.get(cid, 0), "width": s.width, "height": s.height,
             **({"objects": tracked[cid]} if cid in tracked else {}),
         }
@@ -38,7 +39,8 @@ def daemon_stats(d: Daemon) -> dict[str, Any]:
                       "threads_per_worker": d.backend.layout.threads,
                       "worker_batches": {str(k): v for k, v in sorted(st.worker_batches.items())},
                       "max_frame_age_ms": round(1000 * pipeline.age_bound_s(), 1)},
-        "publisher": {"sent": d.publisher.sent, "dropped": d.publisher.dropped, "stale": d.publisher.stale},
+        "publisher": {"sent": d.publisher.sent, "dropped": d.publisher.dropped, "stale": d.publisher.stale,
+                      "sndhwm": d.publisher.sndhwm},
         "reloads": dict(d.reloads),
         **({"outputs": {out.name: out.counters() for out in d.outputs}} if d.outputs else {}),
         **({"requests": {"queued": len(d.request_server.queue), **d.request_server.metrics.outcome_counts()}}

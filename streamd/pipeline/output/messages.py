@@ -47,10 +47,14 @@ def detections_message(r: FrameResult, max_age_s: float | None = None,
     return Outbound("detections", r.camera_id, body, attachment=snapshot, deadline=deadline)
 
 
-def health_message(camera_id: str, state: str, previous: str, reason: str) -> Outbound:
+def health_message(camera_id: str, state: str, previous: str, reason: str,
+                   decoder: int | None = None) -> Outbound:
     # The reason may quote an error that held a camera URL: credentials never leave.
-    return Outbound("health", camera_id, {"type": protocol.TYPE_HEALTH, "camera": camera_id, "state": state,
-                                          "previous": previous, "reason": scrub(reason)})
+    body = {"type": protocol.TYPE_HEALTH, "camera": camera_id, "state": state, "previous": previous,
+            "reason": scrub(reason)}
+    if decoder is not None:     # which decoder instance of the camera speaks (see docs/PROTOCOL.md)
+        body["decoder"] = decoder
+    return Outbound("health", camera_id, body)
 
 
 def stats_message(stats: dict[str, Any]) -> Outbound:

@@ -12,13 +12,15 @@ import cv2
 
 from ...config import CameraConfig
 from ...entities import Frame, FrameResult
+from ..events import encode_jpeg
 
 CameraSettings = Callable[[str], "CameraConfig | None"]   # camera id -> its config (None: gone)
 
 
 class SnapshotPolicy:
-    def __init__(self, settings: CameraSettings) -> None:
+    def __init__(self, settings: CameraSettings, max_bytes: int = 0) -> None:
         self._settings = settings
+        self._max_bytes = max_bytes             # 0: any size; else re-encoded smaller to fit
         self._last: dict[str, float] = {}       # camera id -> capture_mono of its last snapshot
 
     def wants(self, cam: CameraConfig, r: FrameResult) -> bool:
@@ -37,10 +39,14 @@ class SnapshotPolicy:
         image = frame.image if frame.source_size in (None, frame.size) else \
             cv2.resize(frame.image, frame.camera_size, interpolation=cv2.INTER_LINEAR)
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, cam.snapshot_quality])
-        if not ok:
+        jpeg = buf.tobytes() if ok else None
+        if jpeg is not None and self._max_bytes and len(jpeg) > self._max_bytes:
+            # The publisher's bound on a subscriber's memory counts on this cap.
+            jpeg = encode_jpeg(image, (0.0, 0.0, 0.0, 0.0), self._max_bytes)
+        if jpeg is None:
             return None
         self._last[r.camera_id] = r.capture_mono
-        return buf.tobytes()
+        return jpeg
 
     def forget(self, camera_id: str) -> None:
         """A camera removed or restarted starts its interval afresh."""

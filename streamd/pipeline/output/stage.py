@@ -58,8 +58,8 @@ class OutputStage:
             if rr.request.reply_to.answer(rr, dict(body)):
                 self.fan_out(request_result_message(rr, body))
 
-    def health(self, camera_id: str, state: str, previous: str, reason: str) -> None:
-        self.fan_out(health_message(camera_id, state, previous, reason))
+    def health(self, camera_id: str, state: str, previous: str, reason: str, decoder: int | None = None) -> None:
+        self.fan_out(health_message(camera_id, state, previous, reason, decoder))
         if self.objects is not None:
             self.fan_out_all(self.objects.camera_state(camera_id, state))
 

@@ -12,6 +12,7 @@ so (``check_stall``). Only this thread touches its ``cv2.VideoCapture``.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from ...config import CameraConfig, SourceDefaults
 from ...entities import Frame
 from ..queues import RingQueue
 from ...redact import scrub
+from . import ffmpeg_errors
 from .child import ChildCapture
 from .presets import DecoderChoice
 from .rtsp_probe import diagnose
@@ -42,6 +44,9 @@ _PROBE_OPTIONS = "analyzeduration;1000000"
 _DEFAULT_FFMPEG_OPTIONS = f"rtsp_transport;tcp|{_PROBE_OPTIONS}"
 _open_lock = threading.Lock()
 _DECODE_WARN_EVERY_S = 10.0
+# Each decoder instance is numbered: a reload that changes or re-adds a camera starts a new
+# one, and health names it, so a subscriber tells a successor from a predecessor.
+_instances = itertools.count(1)
 
 
 def configure_ffmpeg_defaults() -> None:
@@ -81,7 +86,8 @@ class CameraStats:
     inferred: int = 0
     published: int = 0
     reconnects: int = 0
-    decode_errors: int = 0
+    decode_errors: int = 0      # frames the decoder could not give (skipped; a file goes on after them)
+    corrupt_frames: int = 0     # frames given with errors FFmpeg found and concealed (see ffmpeg_errors)
     state: str = State.STARTING.value
     state_since: float = field(default_factory=time.time)
     last_frame_mono: float = 0.0
@@ -89,7 +95,7 @@ class CameraStats:
     height: int = 0
 
 
-HealthCallback = Callable[[str, str, str, str], None]   # camera_id, state, previous, reason
+HealthCallback = Callable[[str, str, str, str, int], None]   # camera_id, state, previous, reason, decoder
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -105,6 +111,7 @@ class CameraSource(threading.Thread):
         super().__init__(name=f"cam-{cam.id}", daemon=True)
         self.cam = cam
         self.decoder = decoder or DecoderChoice("opencv")
+        self.instance = next(_instances)
         self.defaults = defaults
         self.queue = queue
         self.stats = CameraStats()
@@ -114,9 +121,11 @@ class CameraSource(threading.Thread):
         self._rng = random.Random()
         self._frame_no = 0
         self._in_read_since = 0.0           # monotonic time a read began; 0 when not reading
+        self._last_grab_mono = 0.0          # the last frame of this connection came then; 0: none yet
         self.in_native_open = False         # inside cv2.VideoCapture(...): cannot be interrupted
         self._stall_reported = False
         self._lock = threading.Lock()
+        self._retired = False               # retire() ran: this instance announces nothing more
         self._stop_reason = "daemon stopping"
         self._decode_warned_at = -_DECODE_WARN_EVERY_S     # the first decode error is logged at once
         self._decode_errors_unlogged = 0
@@ -126,38 +135,54 @@ class CameraSource(threading.Thread):
     def state(self) -> State:
         return State(self.stats.state)
 
-    def _set_state(self, new: State, reason: str = "") -> None:
+    def _set_state(self, new: State, reason: str = "", retire: bool = False) -> None:
+        reason = scrub(reason)
+        # One lock over the change and its announcement (retire() takes it too): health leaves
+        # in the order of the changes, and nothing follows a retired decoder's "stopped".
         with self._lock:
+            if self._retired:   # a successor may own the camera id now: this one speaks no more
+                return
+            self._retired = retire
             old = self.stats.state
             if old == new.value and not reason:
                 return
             self.stats.state = new.value
             self.stats.state_since = time.time()
-        reason = scrub(reason)
-        # Failures (lost, stalled, reconnecting, ended) at WARNING: `journalctl -p warning` shows them.
-        level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
-        log.log(level, "camera state", extra={"camera": self.cam.id, "state": new.value, "previous": old,
-                                              "reason": reason or "-"})
-        try:
-            self._on_health(self.cam.id, new.value, old, reason)
-        except Exception:  # a broken listener must not take the camera down
-            log.exception("camera health listener failed", extra={"camera": self.cam.id})
+            # Failures (lost, stalled, reconnecting, ended) at WARNING: `journalctl -p warning` shows them.
+            level = logging.INFO if new in (State.STREAMING, State.CONNECTING, State.STOPPED) else logging.WARNING
+            log.log(level, "camera state", extra={"camera": self.cam.id, "state": new.value, "previous": old,
+                                                  "reason": reason or "-", "decoder": self.instance})
+            try:
+                self._on_health(self.cam.id, new.value, old, reason, self.instance)
+            except Exception:  # a broken listener must not take the camera down
+                log.exception("camera health listener failed", extra={"camera": self.cam.id})
 
     def check_stall(self, now: float | None = None) -> bool:
-        """Supervisor hook: flag a decoder stuck inside a read longer than the stall timeout
-        (the read timeout should fire first; this catches decoders that ignore it)."""
+        """Supervisor hook: flag a stream whose last frame is older than the stall timeout
+        (counted from that frame, not from the start of a read), returning reads or not."""
         now = time.monotonic() if now is None else now
-        since = self._in_read_since
-        if since and now - since > self.defaults.stall_timeout_s and not self._stall_reported \
+        last = self._last_grab_mono
+        if last and now - last > self.defaults.stall_timeout_s and not self._stall_reported \
                 and self.state == State.STREAMING:
             self._stall_reported = True
-            self._set_state(State.STALLED, f"no frame for {now - since:.1f}s (decoder not returning)")
+            self._set_state(State.STALLED, f"no frame for {now - last:.1f}s"
+                            + (" (decoder not returning)" if self._in_read_since else ""))
             return True
         return False
 
     def stop(self, reason: str = "daemon stopping") -> None:
         self._stop_reason = reason
         self.stop_event.set()
+
+    def retire(self, reason: str) -> None:
+        """Stop for good and announce ``stopped`` now, from the caller's thread: a decoder in
+        a native read notices only later, when its last word would be a ghost's."""
+        self.stop(reason)
+        if self.is_alive():
+            self._set_state(State.STOPPED, reason, retire=True)
+        else:       # never started, or already said its last word (ended, died)
+            with self._lock:
+                self._retired = True
 
     # ---- thread -----------------------------------------------------------------------
     def run(self) -> None:
@@ -168,6 +193,7 @@ class CameraSource(threading.Thread):
             log.error("camera thread failed", extra={"camera": self.cam.id,
                                                       "error": scrub(f"{type(exc).__name__}: {exc}")})
         finally:
+            ffmpeg_errors.forget_this_thread()
             if self.stop_event.is_set():
                 self._set_state(State.STOPPED, self._stop_reason)
             elif self.state != State.ENDED:
@@ -178,14 +204,20 @@ class CameraSource(threading.Thread):
         attempt = 0
         while not self.stop_event.is_set():
             self._set_state(State.CONNECTING, f"opening {self.cam.safe_url}")
+            began = time.monotonic()
             cap, reason = self._open()
             if cap is None:
+                # The open's own timeout and a diagnosis probe add up: say what the attempt took.
+                took = time.monotonic() - began
+                if took >= 1:
+                    reason += f"; gave up {took:.1f}s after the attempt began"
                 self._backoff(attempt, reason)
                 attempt += 1
                 continue
             try:
                 outcome, reason, got_frames = self._stream(cap)
             finally:
+                self._last_grab_mono = 0.0
                 cap.release()
             if got_frames:
                 attempt = 0
@@ -258,6 +290,8 @@ class CameraSource(threading.Thread):
                 cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
         except cv2.error as exc:
             return None, scrub(f"decoder error while opening ({exc})")
+        if self.defaults.count_corrupt_frames:     # after an open: OpenCV sets its own log callback then
+            ffmpeg_errors.install()
         if cap.isOpened():
             return cap, ""
         cap.release()
@@ -292,6 +326,17 @@ class CameraSource(threading.Thread):
             return "the video file could not be opened (unsupported or corrupt)"
         return "could not be opened"
 
+    def _skip_undecodable(self, cap: cv2.VideoCapture, skipped_to: float) -> float:
+        """A failed grab inside a file is an undecodable frame, not the end (the index knows
+        where that is): count it, seek past it. Returns the frame sought, or -1 at the end."""
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0
+        # Never back: FFmpeg may report the failed frame's position as an earlier one.
+        target = max(cap.get(cv2.CAP_PROP_POS_FRAMES) or 0.0, skipped_to) + 1
+        if not 0 < target < count:
+            return -1.0
+        self._decode_error("undecodable frame in the file, skipped")
+        return target if cap.set(cv2.CAP_PROP_POS_FRAMES, target) else -1.0
+
     def _stream(self, cap: cv2.VideoCapture) -> tuple[str, str, bool]:
         """Read until stop, end of stream, or failure: returns (outcome, reason, got_frames)."""
         is_file = self.cam.kind == "file"
@@ -305,6 +350,8 @@ class CameraSource(threading.Thread):
         frame_interval = 0.0    # smoothed time between two decoded frames
         last_grab = 0.0
         read_timeout = self.defaults.read_timeout_s
+        opened = time.monotonic()
+        skipped_to = -1.0       # the frame a failed grab in a file last skipped to
         while not self.stop_event.is_set():
             if pace:
                 # Files replay at their own rate, like the camera that recorded them.
@@ -314,6 +361,7 @@ class CameraSource(threading.Thread):
                 next_pace = max(next_pace + pace, time.monotonic() - 1.0)
             t0 = time.monotonic()
             self._in_read_since = t0
+            ffmpeg_before = ffmpeg_errors.errors_on_this_thread()
             try:
                 ok = cap.grab()
             except cv2.error:
@@ -323,16 +371,22 @@ class CameraSource(threading.Thread):
             now = time.monotonic()
             if not ok:
                 if is_file and got_frames:
+                    skipped_to = self._skip_undecodable(cap, skipped_to)
+                    if skipped_to >= 0:
+                        continue
                     if self.cam.loop and cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
                         continue
                     return ("ended" if not self.cam.loop else "lost"), "end of file", got_frames
                 if now - t0 >= 0.8 * read_timeout:
-                    return "stalled", f"no frame for {now - t0:.1f}s (stream stalled)", got_frames
+                    # Since the last frame, not since this read began: that is what went missing.
+                    return "stalled", f"no frame for {now - (last_grab or opened):.1f}s (stream stalled)", got_frames
                 return "lost", "stream ended or connection dropped", got_frames
             if last_grab:
                 gap = now - last_grab
                 frame_interval = gap if not frame_interval else 0.9 * frame_interval + 0.1 * gap
-            last_grab = now
+            last_grab = self._last_grab_mono = now
+            if ffmpeg_errors.errors_on_this_thread() != ffmpeg_before:
+                self.stats.corrupt_frames += 1
             if cap_interval:
                 if now < next_due:
                     self.stats.dropped_fps_cap += 1
