@@ -7,6 +7,11 @@
 Nothing here blocks without a timeout: OpenCV's FFmpeg backend gets open/read timeouts,
 waits are on the stop Event, and the supervisor flags a decoder that stops returning even
 so (``check_stall``). Only this thread touches its ``cv2.VideoCapture``.
+
+The module runs a little over 400 lines on purpose: every transition of the state machine
+(opening in process or as a child, reading a stream or a file, retiring) happens here, so
+one thread's life reads in one place; the child process, its presets and the RTSP probe
+live in their own modules.
 """
 
 from __future__ import annotations
