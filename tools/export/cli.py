@@ -149,6 +149,8 @@ def _summary(result: ExportResult) -> str:
         f"  compute: {_precision(m)}",
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]
+    if m.backends:
+        lines.append(f"  for:     {', '.join(m.backends)} (backend: auto measures only these)")
     lines += [f"  note:    {n}" for n in result.notes]
     return "\n".join(lines)
 
