@@ -29,13 +29,16 @@ LAYOUTS = (LAYOUT_RAW, LAYOUT_END2END)
 PAD_VALUE = 114
 
 # The backends each INT8 flavour is made for. The two Q/DQ forms are fast on different
-# runtimes (on the development box's EPYC, at 320: symmetric int8 75 img/s on OpenVINO but 20
-# on ONNX Runtime's CPU, below FP32's 27; uint8 activations 80 on ONNX Runtime, and TensorRT
-# cannot build them), so a file says which it is meant for and ``backend: auto`` holds to it.
+# runtimes (on the development box's EPYC, at 320: the symmetric one runs on TensorRT and
+# fast on OpenVINO but at under FP32's speed on ONNX Runtime's CPU; uint8 activations run
+# fastest on ONNX Runtime, and TensorRT cannot build them). The export lists in ``backends``
+# those of its flavour's that it verified (or, for TensorRT, cannot check without a GPU).
 INT8_FLAVOUR_BACKENDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("tensorrt", "openvino"),
     "cpu": ("onnxruntime",),
 }
+# Manifests written before ``backends`` existed were verified through ONNX Runtime only.
+INT8_FLAVOUR_BACKENDS_BEFORE = {"tensorrt": ("tensorrt",), "cpu": ("onnxruntime",)}
 
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
@@ -151,7 +154,7 @@ class ModelManifest:
             return tuple(self.backends)
         if self.precision == "int8":
             flavour = (self.build or {}).get("int8", {}).get("flavour")
-            return INT8_FLAVOUR_BACKENDS.get(str(flavour), ())
+            return INT8_FLAVOUR_BACKENDS_BEFORE.get(str(flavour), ())
         return ()
 
     def nms_conf(self) -> float | None:

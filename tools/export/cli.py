@@ -150,7 +150,7 @@ def _summary(result: ExportResult) -> str:
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]
     if m.backends:
-        lines.append(f"  for:     {', '.join(m.backends)} (backend: auto measures only these)")
+        lines.append(f"  for:     {', '.join(m.backends)} (the manifest's backends)")
     lines += [f"  note:    {n}" for n in result.notes]
     return "\n".join(lines)
 
