@@ -14,8 +14,10 @@ not the same file:
 
 * ``tensorrt`` (default): symmetric int8 activations and weights, per-channel weights kept
   as float behind a Q/DQ pair, biases in float. TensorRT takes only symmetric int8 Q/DQ
-  and refuses int32 bias dequantization; OpenVINO runs this form fast on a CPU too (its
-  INT8 kernels), while on ONNX Runtime's CPU it is slower than FP32. One file for both.
+  and refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
+  INT8 kernels), but listed for it only where its agreement through OpenVINO passes
+  (verify_stage; on the development box it does not); on ONNX Runtime's CPU it is slower
+  than FP32.
 * ``cpu``: uint8 activations (asymmetric), int8 per-channel weights: what ONNX Runtime's
   CPU kernels run fastest. TensorRT cannot build it.
 
