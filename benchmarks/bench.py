@@ -852,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(bench_backends.py)")
     ap.add_argument("--onnx", type=Path, metavar="ONNX",
                     help="with --backends: this FP32 model (one size) instead of exporting one per --sizes")
-    ap.add_argument("--int8", type=Path, metavar="ONNX", help="with --backends: also this INT8 model")
+    ap.add_argument("--int8", type=Path, nargs="+", metavar="ONNX",
+                    help="with --backends: also these INT8 models (e.g. both flavours)")
     args = ap.parse_args(argv)
     if min(args.sizes) < 32 or any(s % 32 for s in args.sizes):
         ap.error("--sizes must be multiples of 32")

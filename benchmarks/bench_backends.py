@@ -1,7 +1,7 @@
 """``bench.py --backends``: the backends side by side on the same model and cameras.
 
-For every image size and model (the default any-H x W FP32 export; ``--int8 PATH`` adds an
-INT8 model), in one run on the same box:
+For every image size and model (the default any-H x W FP32 export; ``--int8 PATH ...`` adds
+INT8 models, e.g. both flavours), in one run on the same box:
 
 1. each runtime's own fastest loop on random input at imgsz x imgsz, the reference a backend
    is held to: ONNX Runtime's N sessions x T threads (bench.py's raw layouts); OpenVINO's
@@ -115,7 +115,7 @@ def run_backends(args: argparse.Namespace, workdir: Path) -> int:
     try:
         for size in args.sizes:
             fp32 = args.onnx.resolve() if args.onnx else B.streamd_model(pt, size, square=False)
-            models = [fp32] + ([args.int8.resolve()] if args.int8 else [])
+            models = [fp32] + [p.resolve() for p in args.int8 or []]
             for model in models:
                 for label, backend, bf16 in BACKENDS:
                     # The runtime's own loop right before streamd's backend alone: on a shared

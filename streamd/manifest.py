@@ -28,6 +28,18 @@ LAYOUTS = (LAYOUT_RAW, LAYOUT_END2END)
 # was trained on, so preprocessing and the backends that pad a short batch agree on it.
 PAD_VALUE = 114
 
+# The backends each INT8 flavour is made for. The two Q/DQ forms are fast on different
+# runtimes (on the development box's EPYC, at 320: the symmetric one runs on TensorRT and
+# fast on OpenVINO but at under FP32's speed on ONNX Runtime's CPU; uint8 activations run
+# fastest on ONNX Runtime, and TensorRT cannot build them). The export lists in ``backends``
+# those of its flavour's that it verified (or, for TensorRT, cannot check without a GPU).
+INT8_FLAVOUR_BACKENDS: dict[str, tuple[str, ...]] = {
+    "tensorrt": ("tensorrt", "openvino"),
+    "cpu": ("onnxruntime",),
+}
+# Manifests written before ``backends`` existed were verified through ONNX Runtime only.
+INT8_FLAVOUR_BACKENDS_BEFORE = {"tensorrt": ("tensorrt",), "cpu": ("onnxruntime",)}
+
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """Where the manifest of ``model_path`` lives (same folder, ``.json`` appended)."""
@@ -70,6 +82,9 @@ class ModelManifest:
     source: dict[str, Any] = field(default_factory=dict)   # {"weights": name, "sha256": ..}
     tools: dict[str, str] = field(default_factory=dict)    # tool name -> version
     build: dict[str, Any] = field(default_factory=dict)    # engine builds: GPU, TensorRT, ...
+    # The backends the file is meant for (fast and verified on); empty: any. Absent in
+    # manifests written before it existed: see ``meant_for``.
+    backends: list[str] = field(default_factory=list)
     created: str = ""
     format: int = MANIFEST_FORMAT
 
@@ -129,6 +144,18 @@ class ModelManifest:
                                 f"must be multiples of its stride {self.stride}")
         if not self.class_names:
             raise ManifestError(f"{where}: class_names is empty")
+        if not isinstance(self.backends, list) or not all(isinstance(b, str) and b for b in self.backends):
+            raise ManifestError(f"{where}: backends must be a list of backend names, got {self.backends!r}")
+
+    def meant_for(self) -> tuple[str, ...]:
+        """The backends this file is meant for; () for any. An INT8 manifest written before
+        the ``backends`` field existed gets its flavour's backends."""
+        if self.backends:
+            return tuple(self.backends)
+        if self.precision == "int8":
+            flavour = (self.build or {}).get("int8", {}).get("flavour")
+            return INT8_FLAVOUR_BACKENDS_BEFORE.get(str(flavour), ())
+        return ()
 
     def nms_conf(self) -> float | None:
         """The score threshold baked into a graph with NMS inside (``--nms --conf``), or None

@@ -546,6 +546,8 @@ def test_engine_manifest_records_what_the_backend_checks(tmp_path: Path) -> None
     assert back.model_sha256 == sha256_file(engine)
     assert back.class_names == source.class_names and back.imgsz == (320, 320)
     assert back.build["exported_by"] == "test" and back.build["cuda_driver"] == "12.4"
+    # A plan file runs on TensorRT alone, whatever the ONNX it came from was meant for.
+    assert back.backends == ["tensorrt"] and back.meant_for() == ("tensorrt",)
     # What it records is what the checks before loading need: it loads here, and a rebuild
     # would start from the same ONNX.
     assert verdict_for(engine).action == "load"

@@ -4,11 +4,14 @@ A ``.onnx`` model runs on ONNX Runtime (CPU, or CUDA where its build has the pro
 on OpenVINO (CPU, Intel iGPU, NPU) when the ``openvino`` extra is installed. Which is fastest
 depends on the model, the CPU and its instruction set (on the development box's EPYC the two
 are close in FP32, OpenVINO in BF16 is about twice as fast, ONNX Runtime wins on the uint8
-INT8 flavour and OpenVINO on the symmetric one),
-so at start each candidate is opened with its own best layout, measured, and the fastest
-is kept. The result is remembered per (model sha256, machine identity) in
-``<cache_dir>/backend-choice.json``, so later starts skip the comparison; naming a backend
-in the config overrides it all.
+INT8 flavour), so at start each candidate is opened with its own best layout, measured, and
+the fastest is kept. Only the backends the model's manifest says the file is meant for take
+part (an INT8 file of the symmetric flavour is made for TensorRT and OpenVINO, the uint8 one
+for ONNX Runtime, and the export lists only those it verified): the others would run it
+slowly or with detections nobody checked, and are skipped with a line saying why. The result
+is remembered per (model sha256, machine identity) in ``<cache_dir>/backend-choice.json``, so
+later starts skip the comparison; naming a backend in the config overrides it all (with a
+warning when the file is not meant for it).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, StreamdError
-from ..manifest import sha256_file
+from ..manifest import INT8_FLAVOUR_BACKENDS, sha256_file
 from . import backend_for, check_model_file
 from .onnx_model import read_manifest
 from .pool import BackendPool, open_pool, usable_cores
@@ -128,6 +131,41 @@ def _remember(file: Path, key: str, entry: dict[str, Any]) -> None:
                     "at the next start", file, exc)
 
 
+def meant_for(path: Path) -> tuple[str, ...]:
+    """The backends the manifest of ``path`` says it is meant for; () for any (no manifest,
+    or one that names none)."""
+    manifest = read_manifest(path, verify_sha256=False)
+    return manifest.meant_for() if manifest is not None else ()
+
+
+def _flavour_hint(backend: str) -> str:
+    """Which INT8 export is meant for ``backend``."""
+    flavour = next((f for f, names in INT8_FLAVOUR_BACKENDS.items() if backend in names), None)
+    return (f"the INT8 model for {backend} is exported with --int8-flavour {flavour}" if flavour
+            else f"no INT8 flavour is made for {backend}")
+
+
+def keep_meant(path: Path, usable: list[Candidate]) -> list[Candidate]:
+    """``usable`` narrowed to the backends the file is meant for, logging each one skipped.
+    When none of them is here the file runs on ONNX Runtime, which every export verifies its
+    model through (it works, only slower than it could), with a warning that says what would
+    make it fast; never on another backend, whose detections may not match (OpenVINO lost most
+    boxes of INT8 files that ONNX Runtime ran at AP50 0.99 against FP32)."""
+    meant = meant_for(path)
+    fitting = [c for c in usable if not meant or c.backend in meant]
+    if not fitting:
+        fitting = [c for c in usable if c.backend == "onnxruntime"] or usable
+        install = "install OpenVINO (the openvino extra), or " if "openvino" in meant else ""
+        log.warning("backend auto: %s is meant for %s, none of which can run it here; running it on "
+                    "%s instead (slower than it could be: %s%s)", path.name, ", ".join(meant),
+                    ", ".join(map(str, fitting)), install, _flavour_hint(fitting[0].backend))
+    for c in usable:
+        if c not in fitting:
+            log.info("backend auto: skipped %s: %s is meant for %s (its manifest's backends)",
+                     c, path.name, ", ".join(meant))
+    return fitting
+
+
 def pool_rate(pool: BackendPool) -> float | None:
     """Images/s at batch 1 of the pool's layout, when it was measured."""
     if pool.measured:
@@ -166,6 +204,11 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
                                            verify_sha256=verify_sha256, bf16=bf16))
 
     if backend != "auto":
+        meant = meant_for(path) if path.is_file() else ()
+        if meant and backend not in meant:
+            log.warning("model.backend %s: %s is meant for %s (its manifest's backends); it runs on "
+                        "%s, but slower than it could (%s)", backend, path.name, ", ".join(meant),
+                        backend, _flavour_hint(backend))
         return open_one(Candidate(backend, device), autotune_s)
     check_model_file(path)
     found = survey(path, device)
@@ -173,6 +216,7 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
     if not usable:
         raise BackendError(f"{path}: no installed backend runs it on device {device!r} (model.device): "
                            + "; ".join(f"{c}: {c.why_not}" for c in found))
+    usable = keep_meant(path, usable)
     if len(usable) == 1 or autotune_s <= 0:
         pick = usable[0]
         if len(usable) > 1:

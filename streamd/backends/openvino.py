@@ -91,12 +91,15 @@ def compile_properties(device: str, workers: int, threads: int, precision: str,
     threads (the layout the pool measured); elsewhere the throughput hint sized for
     ``workers`` requests in flight."""
     props = {"PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY"}
-    if device == "CPU" and precision == "fp32":
+    if device == "CPU":
         # On CPUs with BF16 (AVX512_BF16, AMX) OpenVINO would silently run an FP32 model in
         # BF16: twice as fast on the development box, but boxes then move (IoU down to 0.84,
         # |dconf| up to 0.02 on the sample frames at 640), which is not the model the export
-        # verified. An FP32 model runs in FP32 unless the config asks for BF16.
-        props["INFERENCE_PRECISION_HINT"] = "bf16" if bf16 else "f32"
+        # verified. An FP32 model runs in FP32 unless the config asks for BF16. The float parts
+        # of an INT8 or FP16 model (the head's box decode, kept out of INT8 because quantizing
+        # it destroys the detections) run in FP32 too, as the export verified them: in BF16
+        # the decoded box edges move by whole pixels.
+        props["INFERENCE_PRECISION_HINT"] = "bf16" if bf16 and precision == "fp32" else "f32"
     if device == "CPU" and threads > 0:
         props.update({"NUM_STREAMS": str(workers), "INFERENCE_NUM_THREADS": str(workers * threads)})
     else:
@@ -149,6 +152,9 @@ class _Compiled:
         if bf16 and self.device == "CPU" and "BF16" not in ov_core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             log.warning("model.openvino_bf16: this CPU has no BF16 instructions; the model runs in FP32")
             bf16 = False
+        if bf16 and info.precision != "fp32":
+            log.warning("model.openvino_bf16 applies to FP32 models; this %s model's float parts run "
+                        "in FP32, as its export verified them", info.precision)
         props = compile_properties(self.device, workers, threads, info.precision, bf16)
         cache = {"CACHE_DIR": str(self.cache_dir)} if self.cache_dir is not None else {}
         try:

@@ -1,7 +1,9 @@
 """``streamd doctor``'s table of backends and devices: measured speed, or why unavailable.
 
 With ``--model`` each usable (backend, device) opens the model in its best pool layout and
-is measured for a few seconds, the way ``backend: auto`` compares them at the daemon's start.
+is measured for a few seconds, the way ``backend: auto`` compares them at the daemon's start;
+a backend the model's manifest says the file is not meant for is measured too, marked, and
+never called the one auto picks.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backends.choice import backend_options, pool_rate, survey
+from ..backends.choice import backend_options, meant_for, pool_rate, survey
 from ..backends.pool import open_pool
 from ..errors import StreamdError
 
@@ -55,12 +57,28 @@ def _measure(model: Path, backend: str, device: str, seconds: float, cache: Path
         pool.close()
 
 
+def _meant(model: Path | None) -> tuple[str, ...]:
+    if model is None or not model.is_file():
+        return ()
+    try:
+        return meant_for(model)
+    except StreamdError:       # a broken manifest: each row's own open says what is wrong
+        return ()
+
+
 def print_backend_table(model: Path | None) -> None:
     # The pools log their layouts; the table says the same in one place.
     logging.getLogger("streamd.backend").setLevel(logging.WARNING)
     rows = backend_rows(model)
+    meant = _meant(model)
+    if meant:
+        rows = [r if r.backend in meant or r.img_s is None else
+                Row(r.backend, r.device, r.img_s, f"{r.detail}; not meant for this file (its manifest: "
+                                                  f"{', '.join(meant)})") for r in rows]
     measured = [r for r in rows if r.img_s is not None]
-    fastest = max(measured, key=lambda r: r.img_s or 0.0) if measured else None
+    # What backend: auto would pick: the fastest of those the file is meant for, where any ran.
+    eligible = [r for r in measured if r.backend in meant] or measured
+    fastest = max(eligible, key=lambda r: r.img_s or 0.0) if eligible else None
     title = f"{model.name}, img/s at batch 1" if model is not None else "no --model: not measured"
     print(f"backends ({title})")
     for r in rows:

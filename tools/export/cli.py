@@ -158,6 +158,8 @@ def _summary(result: ExportResult) -> str:
         f"  compute: {_precision(m)}",
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]
+    if m.backends:
+        lines.append(f"  for:     {', '.join(m.backends)} (the manifest's backends)")
     lines += [f"  note:    {n}" for n in result.notes]
     return "\n".join(lines)
 

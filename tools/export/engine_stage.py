@@ -55,8 +55,10 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-count", type=int, default=32, metavar="N",
                    help="int8: number of calibration images (default 32)")
     g.add_argument("--int8-flavour", choices=("tensorrt", "cpu"), default="tensorrt",
-                   help="int8: 'tensorrt' = symmetric int8 Q/DQ for TensorRT (default); 'cpu' = "
-                        "uint8 activations, fastest on ONNX Runtime CPU, not for TensorRT")
+                   help="int8: 'tensorrt' = symmetric int8 Q/DQ for TensorRT, and for OpenVINO "
+                        "where its check through OpenVINO passes (default); 'cpu' = uint8 "
+                        "activations for ONNX Runtime's CPU (not for TensorRT); the manifest's "
+                        "backends record which")
     g.add_argument("--verify-images", type=Path, metavar="DIR",
                    help="fp16/int8: images to compare against FP32 on (default: the calibration "
                         "images, else Ultralytics' samples)")

@@ -14,9 +14,15 @@ not the same file:
 
 * ``tensorrt`` (default): symmetric int8 activations and weights, per-channel weights kept
   as float behind a Q/DQ pair, biases in float. TensorRT takes only symmetric int8 Q/DQ
-  and refuses int32 bias dequantization; on ONNX Runtime CPU this file is slower than FP32.
+  and refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
+  INT8 kernels), but listed for it only where its agreement through OpenVINO passes
+  (verify_stage; on the development box it does not); on ONNX Runtime's CPU it is slower
+  than FP32.
 * ``cpu``: uint8 activations (asymmetric), int8 per-channel weights: what ONNX Runtime's
   CPU kernels run fastest. TensorRT cannot build it.
+
+The manifest records which backends the file is meant for (``backends``), so ``backend:
+auto`` measures only those.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 
 from streamd.backends.tensorrt.logic import BUILD_FP32_ONNX_SHA, head_prefix, keep_float_in_int8
 from streamd.errors import ConfigError, ExportError
-from streamd.manifest import sha256_file
+from streamd.manifest import INT8_FLAVOUR_BACKENDS, sha256_file
 
 from .stages import ExportContext, ExportInputError, register
 
@@ -362,5 +368,6 @@ def int8_stage(ctx: ExportContext) -> None:
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
     ctx.model_path = dst
     ctx.precision = "int8"
+    ctx.backends = list(INT8_FLAVOUR_BACKENDS[req.int8_flavour])
     facts["calibration_source"] = ctx.calib_source
     ctx.build_info.update({BUILD_FP32_ONNX_SHA: sha256_file(src), "int8": facts})

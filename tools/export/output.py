@@ -72,6 +72,7 @@ def manifest_stage(ctx: ExportContext) -> None:
         build={"exporter": "ultralytics", "dynamic_batch": req.dynamic_batch,
                "simplify": req.simplify, **ctx.build_info},
         created=utc_now(),
+        backends=list(ctx.backends),
     )
     manifest.validate(where=f"manifest of {manifest.model_file}")
     ctx.manifest = manifest

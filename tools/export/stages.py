@@ -203,6 +203,7 @@ class ExportContext:
     calib_samples: Any = None                     # uint8 (N, 3, H, W) letterboxed RGB network inputs
     calib_source: str = ""                        # where they came from, for the manifest
     build_info: dict[str, Any] = field(default_factory=dict)   # merged into the manifest's build
+    backends: list[str] = field(default_factory=list)          # the manifest's backends ([]: any)
 
     @property
     def stride(self) -> int:

@@ -17,6 +17,7 @@ Below ``--min-agreement`` the export fails (exit 1) and nothing is installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,16 +196,37 @@ def agreement(refs: list[Dets], cands: list[Dets], names: dict[int, str],
 # ---------------------------------------------------------------------------------------
 # running the models
 # ---------------------------------------------------------------------------------------
-def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, str],
-           batch_max: int, static_batch: bool, min_score: float, iou: float = DEFAULT_IOU) -> list[Dets]:
-    """Detections of ``model`` (ONNX Runtime, CPU) on letterboxed uint8 samples, in network
-    input pixels."""
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def _onnxruntime_runner(model: Path) -> Runner:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _openvino_runner(model: Path) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    # FP32 for the float parts, as streamd's OpenVINO backend runs them on a CPU.
+    compiled = core.compile_model(core.read_model(str(model)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda x: compiled(x)[0]
+
+
+RUNNERS: dict[str, Callable[[Path], Runner]] = {"onnxruntime": _onnxruntime_runner, "openvino": _openvino_runner}
+
+
+def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, str],
+           batch_max: int, static_batch: bool, min_score: float, iou: float = DEFAULT_IOU,
+           backend: str = "onnxruntime") -> list[Dets]:
+    """Detections of ``model`` (ONNX Runtime or OpenVINO, CPU) on letterboxed uint8 samples,
+    in network input pixels."""
+    run = RUNNERS[backend](model)
     h, w = samples.shape[2:]
     identity = Letterbox(gain=1.0, pad_x=0, pad_y=0, width=w, height=h)
     params = PostprocessParams(conf=min_score, iou=iou, max_det=DEFAULT_MAX_DET)
@@ -215,7 +237,7 @@ def detect(model: Path, samples: np.ndarray, *, layout: str, names: dict[int, st
         n = len(chunk)
         if static_batch and n < batch_max:
             chunk = np.concatenate([chunk, np.zeros((batch_max - n, *chunk.shape[1:]), np.float32)])
-        y = sess.run(None, {inp.name: chunk})[0]
+        y = run(chunk)
         for dets in postprocess(y, layout, [identity] * n, names, params):
             out.append(Dets(np.array([d.box for d in dets], np.float64).reshape(-1, 4),
                             np.array([d.confidence for d in dets], np.float64),
@@ -307,3 +329,41 @@ def agreement_stage(ctx: ExportContext) -> None:
                           f"(AP50) is {result.ap50:.3f}, below --min-agreement {threshold:g} "
                           f"({result.matched}/{result.reference_boxes} boxes matched, {result.missed} "
                           f"missed, {result.extra} extra); the model was not installed. Try {hint}.")
+    verify_backends(ctx, samples, refs, kw, threshold)
+
+
+def verify_backends(ctx: ExportContext, samples: np.ndarray, refs: list[Dets], kw: dict[str, Any],
+                    threshold: float) -> None:
+    """Hold the file to the same agreement on every other CPU backend its flavour is made for
+    (OpenVINO), and list in the manifest's ``backends`` only those that reach it.
+
+    OpenVINO does not run Q/DQ graphs as ONNX Runtime does (it executes them in integer
+    arithmetic with its own fusions): on the development box both INT8 flavours of the
+    Normal/Fall model lost most boxes through it although ONNX Runtime's agreement was 0.99.
+    ONNX Runtime is the gate above; TensorRT cannot be checked without its GPU (``streamd
+    doctor --model`` compares an engine with ONNX Runtime there)."""
+    by_backend: dict[str, float | None] = {"onnxruntime": ctx.build_info["agreement"]["ap50"]}
+    kept: list[str] = []
+    for name in ctx.backends:
+        if name not in RUNNERS or name == "onnxruntime":
+            kept.append(name)
+            continue
+        try:
+            cands = detect(ctx.model_path, samples, min_score=AP_MIN_SCORE, backend=name, **kw)  # type: ignore[arg-type]
+        except ImportError:
+            ctx.notes.append(f"not verified on {name} (not installed here): not listed in the manifest's backends")
+            continue
+        except Exception as exc:
+            ctx.notes.append(f"{name} cannot run it ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200]}): not listed in the manifest's backends")
+            continue
+        result = agreement(refs, cands, ctx.class_names, DEFAULT_CONF)
+        by_backend[name] = None if result.ap50 is None else round(result.ap50, 4)
+        progress(f"through {name}: {result.summary()}")
+        if result.ap50 is None or result.ap50 >= threshold:
+            kept.append(name)
+        else:
+            ctx.notes.append(f"through {name}: AP50 {result.ap50:.3f}, below {threshold:g}: "
+                             f"not listed in the manifest's backends")
+    ctx.backends = kept
+    ctx.build_info["agreement"]["ap50_by_backend"] = by_backend

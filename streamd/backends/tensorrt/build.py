@@ -241,7 +241,8 @@ def engine_manifest(source: ModelManifest, engine_path: Path, outcome: BuildOutc
     if cuda_driver is not None:
         build[BUILD_CUDA_DRIVER] = cuda_driver
     manifest = replace(source, model_file=engine_path.name, model_format=FORMAT_TENSORRT,
-                       model_sha256=hashlib.sha256(outcome.plan).hexdigest(), build=build)
+                       model_sha256=hashlib.sha256(outcome.plan).hexdigest(), build=build,
+                       backends=["tensorrt"])
     manifest.validate(where=f"manifest of {engine_path.name}")
     return manifest
 
