@@ -62,7 +62,7 @@ class Watched:
     def __init__(self, cam: CameraConfig, choice: DecoderChoice, defaults: SourceDefaults = FAST) -> None:
         self.queue = RingQueue(1, threading.Condition())
         self.health: list[tuple[str, str]] = []
-        self.source = CameraSource(cam, defaults, self.queue, lambda _c, state, _p, why: self.health.append(
+        self.source = CameraSource(cam, defaults, self.queue, lambda _c, state, _p, why, *_decoder: self.health.append(
             (state, why)), decoder=choice)
 
     def states(self) -> list[str]:

@@ -74,7 +74,7 @@ def consumers(r: Any, group: str = "streamd") -> dict[str, dict[str, Any]]:
 
 def fleet_outcomes(d: DaemonProcess) -> dict[str, int]:
     """The daemon's ``streamd_fleet_requests_total`` by outcome, read from its /metrics page."""
-    port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", d.log()).group(1)
+    port = re.search(r"http on http://127.0.0.1:(\d+)", d.log()).group(1)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
         text = page.read().decode()
     return {m.group(1): int(float(m.group(2)))
