@@ -100,9 +100,11 @@ def test_detect_tasks_cameras_and_pictures(fall_onnx_320: Path, sample_images, t
     cfg = http_config(fall_onnx_320, [{"id": "bus", "url": str(test_media["bus"].mp4), "loop": True, "fps": 5}],
                       result_ttl_s=2, max_body_bytes=1_000_000)
     d = daemon_factory(cfg)
-    pub = collector_factory(cfg["publisher"]["endpoint"], [b"req/"])
+    pub = collector_factory(cfg["publisher"]["endpoint"], [b"req/", b"sys/"])
     url = base(cfg)
     wait_healthy(d, cfg)
+    # Subscribed for real (a daemon-wide message arrived) before any result can be published.
+    wait_until(lambda: pub.of("heartbeat") or pub.of("stats"), 30, what="the subscription to take")
     bus = sample_images[0].read_bytes()
 
     # Raw body: 202 at once, then the result on a long poll.
