@@ -63,6 +63,13 @@ class DetectClient:
         self.sock.close(0)
 
 
+def busy_backoff_s(busy: int, rng: random.Random) -> float:
+    """How long to wait before submitting again after the ``busy``-th "busy" answer: capped,
+    jittered exponential backoff, so many clients turned away together do not return together."""
+    step = min(5.0, 0.1 * 2 ** min(busy, 6))
+    return step * (0.5 + 0.5 * rng.random())
+
+
 def detect_many(client: DetectClient, paths: list[Path], timeout_s: float, priority: int = 0,
                 conf: float | None = None, max_attempts: int = 50) -> list[Job]:
     jobs = [Job(i, p, p.read_bytes()) for i, p in enumerate(paths)]
@@ -91,8 +98,7 @@ def detect_many(client: DetectClient, paths: list[Path], timeout_s: float, prior
                 j.error = f"still busy after {j.attempts} attempts"
                 open_jobs.pop(j.index)
             else:
-                step = min(5.0, 0.1 * 2 ** min(j.busy, 6))
-                j.next_try = time.monotonic() + step * (0.5 + 0.5 * rng.random())
+                j.next_try = time.monotonic() + busy_backoff_s(j.busy, rng)
         elif kind == "result":
             j.result = reply
             open_jobs.pop(j.index)
@@ -106,8 +112,9 @@ def detect_many(client: DetectClient, paths: list[Path], timeout_s: float, prior
 
 def run_detect(paths: list[str], endpoint: str, priority: int, conf: float | None, out_dir: str | None,
                timeout_s: float, as_json: bool, client_id: str | None, out: TextIO = sys.stdout,
-               redis_url: str | None = None, stream: str = "streamd:requests") -> int:
-    """``redis_url``: submit through the fleet's Redis stream instead of one daemon's socket."""
+               redis_url: str | None = None, stream: str = "streamd:requests", http_url: str | None = None) -> int:
+    """``redis_url``: submit through the fleet's Redis stream instead of one daemon's socket;
+    ``http_url``: through the daemon's HTTP API (``POST /api/v1/detect``)."""
     files = [Path(p) for p in paths]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
@@ -120,6 +127,9 @@ def run_detect(paths: list[str], endpoint: str, priority: int, conf: float | Non
         except redis.RedisError as exc:
             print(f"streamd detect: error: redis at {redact_url(redis_url)}: {scrub(str(exc))}", file=sys.stderr)
             return 1
+    elif http_url is not None:
+        from .http_detect import detect_many_http
+        jobs = detect_many_http(http_url, files, timeout_s, priority=priority, conf=conf, client_id=client_id)
     else:
         client = DetectClient(endpoint, client_id)
         try:

@@ -31,6 +31,7 @@ from ..config_http import HttpConfig
 from ..entities import Request, RequestResult
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.requests import RequestQueue
+from . import openapi
 from .requests import RequestHeader
 
 log = logging.getLogger("streamd.http.tasks")
@@ -80,6 +81,7 @@ class HttpTasks:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/v1/detect", self._detect)
         app.router.add_get("/api/v1/tasks/{task_id}", self._task)
+        app.router.add_get(openapi.PATH, openapi.serve)
 
     def started(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

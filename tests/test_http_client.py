@@ -1,0 +1,100 @@
+"""The HTTP API from a client's side, against a real daemon process: ``streamd detect --http``
+(the same answers as through ZeroMQ) and the OpenAPI document (every route the server
+registers is in it, and nothing else)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamd.config_http import HttpConfig
+from streamd.pipeline.requests import RequestQueue
+from streamd.service.http import HttpServer
+from streamd.service.http_live import LiveHub
+from streamd.service.http_tasks import HttpTasks
+from streamd.service.metrics import Registry
+from streamd.thresholds import PostprocessParams
+from tests.fixtures_daemon import free_tcp_port, wait_until
+from tests.test_http import base, call, http_config, metric, post_image, task, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+def detect_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamd.cli", "detect", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def registered_routes() -> set[tuple[str, str]]:
+    """(method, path) of every route a server with the whole API registers, HEAD left out
+    (aiohttp adds it to each GET)."""
+    tasks = HttpTasks(HttpConfig(), RequestQueue(4, threading.Condition()), {0: "Normal", 1: "Fall"},
+                      default_params=PostprocessParams,
+                      timeout_s=10)
+    server = HttpServer(Registry(), port=0, parts=[tasks, LiveHub(lambda: {})])
+    try:
+        return {(r.method, r.resource.canonical) for r in server.app.router.routes()
+                if r.method != "HEAD" and r.resource is not None}
+    finally:
+        server.stop()
+
+
+def test_detect_over_http_answers_as_zeromq_does_and_the_openapi_document_lists_every_route(
+        fall_onnx_320: Path, sample_images, daemon_factory) -> None:
+    cfg = http_config(fall_onnx_320, [])
+    cfg["requests"] = {"enabled": True, "endpoint": f"tcp://127.0.0.1:{free_tcp_port()}"}
+    d = daemon_factory(cfg)
+    url = base(cfg)
+    wait_healthy(d, cfg)
+    images = [str(p) for p in sample_images]
+
+    # The same pictures through both doors: the same lines (timings aside) and the same boxes.
+    by_http = detect_cli(*images, "--http", url, "--json", "--client-id", "cli")
+    by_zmq = detect_cli(*images, "--endpoint", cfg["requests"]["endpoint"], "--json", "--client-id", "cli")
+    assert by_http.returncode == 0 and by_zmq.returncode == 0, by_http.stderr + by_zmq.stderr
+    http_rows = [json.loads(line) for line in by_http.stdout.splitlines()]
+    zmq_rows = [json.loads(line) for line in by_zmq.stdout.splitlines()]
+    assert [r["image"] for r in http_rows] == images
+    for h, z in zip(http_rows, zmq_rows, strict=True):
+        assert set(z) <= set(h) | {"v", "service"}, set(z) - set(h)
+        assert set(h["timings_ms"]) == set(z["timings_ms"]) == {"queue", "infer", "total"}
+        assert (h["width"], h["height"], h["client_id"]) == (z["width"], z["height"], "cli")
+        assert [x["label"] for x in h["detections"]] == [x["label"] for x in z["detections"]]
+        assert h["detections"] and all(abs(a - b) < 1e-3 for x, y in zip(h["detections"], z["detections"])
+                                       for a, b in zip(x["box"], y["box"]))
+    text = detect_cli(*images, "--http", url)
+    assert text.returncode == 0, text.stderr
+    assert [line.split(" (")[0] for line in text.stdout.splitlines()] == \
+           [line.split(" (")[0] for line in detect_cli(*images, "--endpoint", cfg["requests"]["endpoint"]).stdout
+            .splitlines()]
+    # Refusals name the reason: a file that is not a picture (415), a wrong URL scheme, no daemon.
+    bad = detect_cli(__file__, "--http", url)
+    assert bad.returncode == 1 and "HTTP 415" in bad.stdout, bad.stdout
+    assert detect_cli(images[0], "--http", "ftp://x").returncode == 2
+    gone = detect_cli(images[0], "--http", f"http://127.0.0.1:{free_tcp_port()}", "--timeout", "10")
+    assert gone.returncode == 1 and "Connection refused" in gone.stdout, gone.stdout
+
+    # The OpenAPI document, as served: every registered route described, nothing described that isn't.
+    code, headers, body = call(f"{url}/api/v1/openapi.json")
+    assert code == 200 and headers["Content-Type"].startswith("application/json")
+    doc = json.loads(body)
+    assert doc["openapi"].startswith("3.")
+    described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    routes = registered_routes()
+    assert ("GET", "/api/v1/openapi.json") in routes and ("POST", "/api/v1/detect") in routes
+    assert routes == described, (routes - described, described - routes)
+    for p, ops in doc["paths"].items():        # each path parameter declared where it is used
+        for op in ops.values():
+            declared = {x["name"] for x in op.get("parameters", []) if x["in"] == "path"}
+            assert declared == {s.strip("{}") for s in p.split("/") if s.startswith("{")}, p
+    assert d.stop() == 0
+
