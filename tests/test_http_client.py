@@ -1,6 +1,7 @@
 """The HTTP API from a client's side, against a real daemon process: ``streamd detect --http``
-(the same answers as through ZeroMQ) and the OpenAPI document (every route the server
-registers is in it, and nothing else)."""
+(the same answers as through ZeroMQ), the OpenAPI document (every route the server registers
+is in it, and nothing else), and 50 concurrent submitters each getting every accepted task
+answered exactly once."""
 
 from __future__ import annotations
 
@@ -98,3 +99,66 @@ def test_detect_over_http_answers_as_zeromq_does_and_the_openapi_document_lists_
             assert declared == {s.strip("{}") for s in p.split("/") if s.startswith("{")}, p
     assert d.stop() == 0
 
+
+def test_fifty_concurrent_submitters_get_every_accepted_task_answered_once(
+        fall_onnx_320: Path, sample_images, daemon_factory, collector_factory) -> None:
+    cfg = http_config(fall_onnx_320, [])
+    cfg["requests"] = {"queue_size": 4}           # small: 50 submitters are turned away (429) often
+    d = daemon_factory(cfg)
+    pub = collector_factory(cfg["publisher"]["endpoint"], [b"req/", b"sys/"])
+    url = base(cfg)
+    wait_healthy(d, cfg)
+    wait_until(lambda: pub.of("heartbeat") or pub.of("stats"), 30, what="the subscription to take")
+    pictures = [p.read_bytes() for p in sample_images]
+    per_thread, submitters = 2, 50
+    lock = threading.Lock()
+    accepted: list[str] = []
+    finals: dict[str, dict[str, Any]] = {}
+    busy = Counter[int]()
+    problems: list[str] = []
+    start = threading.Barrier(submitters)
+
+    def submitter(n: int) -> None:
+        rng = random.Random(n)
+        start.wait(30)                          # all 50 at once
+        for k in range(per_thread):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                code, headers, body = post_image(url, pictures[(n + k) % len(pictures)],
+                                                 query=f"?client_id=s{n}&request_id={k}")
+                if code == 202:
+                    break
+                if code != 429:
+                    with lock:
+                        problems.append(f"submitter {n}: {code} {body}")
+                    return
+                with lock:
+                    busy[n] += 1
+                # Retry-After says when; jitter so the 50 do not come back in step.
+                time.sleep(float(headers["Retry-After"]) * (0.2 + 0.8 * rng.random()))
+            else:
+                with lock:
+                    problems.append(f"submitter {n}: still busy after 120 s")
+                return
+            final = task(url, headers["Location"], wait=60)
+            with lock:
+                accepted.append(body["task_id"])
+                finals[body["task_id"]] = final
+
+    threads = [threading.Thread(target=submitter, args=(n,), daemon=True) for n in range(submitters)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a submitter never finished"
+    assert not problems, problems
+    assert len(accepted) == len(set(accepted)) == submitters * per_thread
+    assert Counter(f["status"] for f in finals.values()) == {"done": submitters * per_thread}
+    assert all(f["client_id"] == f"s{int(f['client_id'][1:])}" and f["detections"] for f in finals.values())
+    assert sum(busy.values()) > 0, "50 submitters never filled a queue of 4"
+    # Exactly once: one published result per accepted task, none for a refused submission.
+    wait_until(lambda: len(pub.of("result")) >= len(accepted), 30, what="every result published")
+    assert Counter(m["task_id"] for m in pub.of("result")) == {t: 1 for t in accepted}
+    assert metric(url, "streamd_http_requests_total", outcome="busy") == sum(busy.values())
+    assert metric(url, "streamd_http_requests_total", outcome="completed") == len(accepted)
+    assert d.stop() == 0
