@@ -1,11 +1,12 @@
 """The HTTP API from a client's side, against a real daemon process: ``streamd detect --http``
-(the same answers as through ZeroMQ), the OpenAPI document (every route the server registers
+(the same answers as through ZeroMQ; the token from the environment), the OpenAPI document (every route the server registers
 is in it, and nothing else), and 50 concurrent submitters each getting every accepted task
 answered exactly once."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -30,9 +31,9 @@ from tests.test_http import base, call, http_config, metric, post_image, task, w
 pytestmark = pytest.mark.slow
 
 
-def detect_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamd.cli", "detect", *args],
-                          capture_output=True, text=True, timeout=120)
+def detect_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamd.cli", "detect", *args], capture_output=True, text=True,
+                          timeout=120, env=None if env is None else {**os.environ, **env})
 
 
 def registered_routes() -> set[tuple[str, str]]:
@@ -98,6 +99,27 @@ def test_detect_over_http_answers_as_zeromq_does_and_the_openapi_document_lists_
             declared = {x["name"] for x in op.get("parameters", []) if x["in"] == "path"}
             assert declared == {s.strip("{}") for s in p.split("/") if s.startswith("{")}, p
     assert d.stop() == 0
+
+
+def test_detect_over_http_sends_the_token_from_the_environment(fall_onnx_320: Path, sample_images,
+                                                               daemon_factory) -> None:
+    token = "s3cret-token-of-24-chars"
+    cfg = http_config(fall_onnx_320, [], token="${HTTP_TOKEN}")
+    d = daemon_factory(cfg, env={"HTTP_TOKEN": token})
+    url = base(cfg)
+    wait_healthy(d, cfg, {"Authorization": f"Bearer {token}"})
+    image = str(sample_images[0])
+    refused = detect_cli(image, "--http", url)
+    assert refused.returncode == 1 and "HTTP 401" in refused.stdout, refused.stdout
+    wrong = detect_cli(image, "--http", url, env={"STREAMD_HTTP_TOKEN": token[:-1] + "x"})
+    assert wrong.returncode == 1 and "HTTP 401" in wrong.stdout, wrong.stdout
+    good = detect_cli(image, "--http", url, "--json", env={"STREAMD_HTTP_TOKEN": token})
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert json.loads(good.stdout)["detections"]
+    assert all(token not in out and token[:-1] not in out
+               for p in (refused, wrong, good) for out in (p.stdout, p.stderr))
+    assert d.stop() == 0
+    assert token not in d.log()
 
 
 def test_fifty_concurrent_submitters_get_every_accepted_task_answered_once(
