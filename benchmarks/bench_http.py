@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench import _free_port, default_model  # noqa: E402 - same model as bench.py
-from bench_requests import client_run  # noqa: E402 - the ZeroMQ side, as measured there
+from bench_requests import client_run, daemon_config, summarize  # noqa: E402 - the ZeroMQ side, as measured there
 
 IN_FLIGHT = 4      # per client, as bench_requests.client_run keeps
 
@@ -81,10 +81,7 @@ def measure(door: str, ep: str, url: str, images: list[bytes], n_req: int, clien
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
-    lat.sort()
-    return {"rps": len(lat) / wall, "p50": 1000 * lat[len(lat) // 2],
-            "p99": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], "busy": busy[0], "n": len(lat)}
+    return summarize(lat, time.monotonic() - t0, busy[0])
 
 
 def main() -> int:
@@ -102,15 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="streamd-bench-http-") as tmp:
         ep, port = f"tcp://127.0.0.1:{_free_port()}", _free_port()
         cfg = Path(tmp) / "c.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "model": {"path": str(model)},
-            "scheduler": {"max_batch": 4},
-            "publisher": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
-            "http": {"port": port},
-            "requests": {"enabled": True, "endpoint": ep, "queue_size": 16},
-            "log": {"level": "warning"},
-            "cameras": [],
-        }))
+        cfg.write_text(yaml.safe_dump(daemon_config(model, ep, [], http={"port": port})))
         log = Path(tmp) / "log"
         proc = subprocess.Popen([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)],
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -65,19 +65,21 @@ def client_run(endpoint: str, images: list[bytes], n: int, lat: list[float], bus
     s.close(0)
 
 
+def daemon_config(model: Path, req_ep: str, cameras: list[dict[str, object]], **more: object) -> dict[str, object]:
+    """The daemon under test: the ZeroMQ request door on ``req_ep``, ``more`` sections added."""
+    return {"model": {"path": str(model)}, "scheduler": {"max_batch": 4},
+            "publisher": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
+            "requests": {"enabled": True, "endpoint": req_ep, "queue_size": 16},
+            "log": {"level": "warning"}, "cameras": cameras, **more}
+
+
 def run(model: Path, cameras: int, clip: Path, n_req: int, clients: int, images: list[bytes]) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="streamd-bench-req-") as tmp:
         req_ep = f"tcp://127.0.0.1:{_free_port()}"
         cfg = Path(tmp) / "c.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "model": {"path": str(model)},
-            "scheduler": {"max_batch": 4},
-            "publisher": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
-            "metrics": {"enabled": False},
-            "requests": {"enabled": True, "endpoint": req_ep, "queue_size": 16},
-            "log": {"level": "warning"},
-            "cameras": [{"id": f"cam{i}", "url": str(clip), "loop": True, "fps": 10} for i in range(cameras)],
-        }))
+        cfg.write_text(yaml.safe_dump(daemon_config(
+            model, req_ep, [{"id": f"cam{i}", "url": str(clip), "loop": True, "fps": 10} for i in range(cameras)],
+            metrics={"enabled": False})))
         proc = subprocess.Popen([sys.executable, "-m", "streamd.cli", "run", "-c", str(cfg)],
                                 stdout=open(Path(tmp) / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -99,9 +101,14 @@ def run(model: Path, cameras: int, clip: Path, n_req: int, clients: int, images:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    lat.sort()
+    return summarize(lat, wall, busy[0])
+
+
+def summarize(lat: list[float], wall: float, busy: int) -> dict[str, float]:
+    """results/s over ``wall`` seconds and the latencies' p50/p99 in ms."""
+    lat = sorted(lat)
     return {"rps": len(lat) / wall, "p50": 1000 * lat[len(lat) // 2],
-            "p99": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], "busy": busy[0], "n": len(lat)}
+            "p99": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], "busy": busy, "n": len(lat)}
 
 
 def main() -> int:
