@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,8 @@ from streamd.errors import ConfigError
 from tests.fixtures_daemon import free_tcp_port, wait_until
 from tests.test_daemon import base_config
 from tests.test_requests import Client, zctx  # noqa: F401 - zctx is a fixture
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = pytest.mark.slow
 
@@ -387,10 +390,22 @@ def test_live_view_shows_a_camera_tile_with_a_frame(fall_onnx_320: Path, test_me
                                "--dump-dom", url + "/"], capture_output=True, text=True, timeout=90)
         return proc.stdout
 
-    def tile_with_frame() -> str | None:
+    def tile_with_updating_frames() -> str | None:
         page = dom()
-        return page if 'data-camera="bus"' in page and "data-frame=" in page and "data-messages=" in page else None
-    page = wait_until(tile_with_frame, 120, interval=1, what="a camera tile with a frame in the live view")
+        shown = re.search(r'data-shown="(\d+)"', page)
+        # At least two pictures shown in one page load: the tile updates, not just loads once.
+        ok = 'data-camera="bus"' in page and "data-messages=" in page and shown and int(shown.group(1)) >= 2
+        return page if ok else None
+    page = wait_until(tile_with_updating_frames, 120, interval=1, what="a camera tile whose frame updates")
     assert 'data-state="streaming"' in page
     assert '<h2>bus</h2>' in page
+    # A screenshot of the page, kept as a test artifact (test-artifacts/ beside the tests).
+    shot = ARTIFACTS / "live-view.png"
+    shot.parent.mkdir(exist_ok=True)
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000",
+                    "--window-size=1280,800", f"--screenshot={shot}", url + "/"],
+                   capture_output=True, text=True, timeout=90)
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[:2] == (800, 1280), f"no screenshot at {shot}"
     assert d.stop() == 0

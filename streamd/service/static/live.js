@@ -42,6 +42,8 @@ function showFrame(id, frame) {
     t.img.src = next.src;
     t.shown = frame;
     t.el.dataset.frame = String(frame);
+    // How many pictures this tile has shown: the page's own record that it keeps updating.
+    t.el.dataset.shown = String(Number(t.el.dataset.shown || 0) + 1);
     t.loading = false;
     if (t.frame !== t.shown) showFrame(id, t.frame);
   };
