@@ -32,7 +32,7 @@ from ..entities import Request, RequestResult
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.requests import RequestQueue
 from . import openapi
-from .requests import RequestHeader
+from .requests import RequestHeader, request_params
 
 log = logging.getLogger("streamd.http.tasks")
 
@@ -151,7 +151,7 @@ class HttpTasks:
             return self._reject(413, f"picture of {image.shape[1]}x{image.shape[0]} pixels is larger than the "
                                      f"limit of {self.cfg.max_pixels}")
         req = Request(uuid.uuid4().hex[:16], image, time.time(), time.monotonic(), reply_to=self,
-                      params=self._params(header), priority=header.priority, client_id=header.client_id,
+                      params=request_params(header, self._default_params), priority=header.priority, client_id=header.client_id,
                       request_id=header.request_id)
         with self._lock:
             self._tasks[req.task_id] = Task(req, req.client_id, req.request_id)
@@ -187,14 +187,6 @@ class HttpTasks:
         if unknown:
             return None, f"'classes': {unknown} not among the model's classes {sorted(self._names)}"
         return header, ""
-
-    def _params(self, h: RequestHeader) -> PostprocessParams | None:
-        if h.conf is None and h.iou is None and h.max_det is None and h.classes is None:
-            return None
-        d = self._default_params()
-        return PostprocessParams(conf=d.conf if h.conf is None else h.conf, iou=d.iou if h.iou is None else h.iou,
-                                 max_det=d.max_det if h.max_det is None else h.max_det,
-                                 classes=d.classes if h.classes is None else frozenset(h.classes))
 
     async def _task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]

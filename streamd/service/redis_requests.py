@@ -40,7 +40,7 @@ from ..entities import Request, RequestResult
 from ..pipeline.postprocess import PostprocessParams
 from ..pipeline.requests import RequestQueue
 from ..redact import redact_url, scrub
-from .requests import PROTOCOL_VERSION, RequestHeader
+from .requests import PROTOCOL_VERSION, RequestHeader, request_params
 
 log = logging.getLogger("streamd.requests.redis")
 
@@ -339,14 +339,8 @@ class RedisRequestDoor:
             return "field 'image': could not be decoded (send JPEG or PNG bytes)"
         if image.shape[0] * image.shape[1] > self.requests_cfg.max_pixels:
             return f"image of {image.shape[1]}x{image.shape[0]} pixels is larger than the limit"
-        params = None
-        if any(x is not None for x in (header.conf, header.iou, header.max_det, header.classes)):
-            d = self._default_params()
-            params = PostprocessParams(
-                conf=d.conf if header.conf is None else header.conf, iou=d.iou if header.iou is None else header.iou,
-                max_det=d.max_det if header.max_det is None else header.max_det,
-                classes=d.classes if header.classes is None else frozenset(header.classes))
-        return Request(task_id, image, time.time(), time.monotonic(), reply_to=self, params=params,
+        return Request(task_id, image, time.time(), time.monotonic(), reply_to=self,
+                       params=request_params(header, self._default_params),
                        priority=header.priority, client_id=header.client_id, request_id=header.request_id)
 
     # ---- the answerer -----------------------------------------------------------------------------

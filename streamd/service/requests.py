@@ -59,6 +59,18 @@ class RequestHeader(BaseModel):
     classes: list[int] | None = None
 
 
+def request_params(header: RequestHeader, defaults: Callable[[], PostprocessParams]) -> PostprocessParams | None:
+    """A request's own thresholds, the daemon's for what it leaves out; None when it sets none
+    (every front door judges a picture by these same rules)."""
+    if header.conf is None and header.iou is None and header.max_det is None and header.classes is None:
+        return None
+    d = defaults()
+    return PostprocessParams(conf=d.conf if header.conf is None else header.conf,
+                             iou=d.iou if header.iou is None else header.iou,
+                             max_det=d.max_det if header.max_det is None else header.max_det,
+                             classes=d.classes if header.classes is None else frozenset(header.classes))
+
+
 class RequestMetrics:
     """Queue, inference and total time per request, and what happened to each; a collector
     for the daemon's metrics registry."""
@@ -259,14 +271,7 @@ class RequestServer(threading.Thread):
         if image.shape[0] * image.shape[1] > self.cfg.max_pixels:
             return reject(f"image of {image.shape[1]}x{image.shape[0]} pixels is larger than the limit "
                           f"of {self.cfg.max_pixels} pixels")
-        params = None
-        if any(x is not None for x in (header.conf, header.iou, header.max_det, header.classes)):
-            d = self._default_params()
-            params = PostprocessParams(
-                conf=header.conf if header.conf is not None else d.conf,
-                iou=header.iou if header.iou is not None else d.iou,
-                max_det=header.max_det if header.max_det is not None else d.max_det,
-                classes=frozenset(header.classes) if header.classes is not None else d.classes)
+        params = request_params(header, self._default_params)
         req = Request(uuid.uuid4().hex[:16], image, time.time(), time.monotonic(), reply_to=self, route=envelope,
                       params=params, priority=header.priority, client_id=header.client_id,
                       request_id=header.request_id)
