@@ -50,6 +50,25 @@ def test_opencv_build_information_is_read() -> None:
     assert opencv_video_io(cv2.getBuildInformation())["FFMPEG"] is True
 
 
+def test_two_opencv_wheels_sharing_cv2_are_reported() -> None:
+    from importlib import metadata
+
+    from streamd.service.doctor import _installed_distributions, opencv_wheels, opencv_wheels_note
+
+    assert opencv_wheels(["numpy", "opencv_python_headless"]) == ["opencv-python-headless"]
+    assert opencv_wheels_note(["opencv-python-headless"]) is None
+    both = opencv_wheels(["Opencv-Python", "opencv-python-headless", "trackers"])
+    assert both == ["opencv-python", "opencv-python-headless"]
+    note = opencv_wheels_note(both)
+    assert note is not None and "share cv2" in note and "libgl1" in note
+    headless_only = opencv_wheels_note(["opencv-python-headless", "opencv-contrib-python-headless"])
+    assert headless_only is not None and "libgl1" not in headless_only
+    # What this environment really has is read from its installed distributions.
+    installed = opencv_wheels(_installed_distributions())
+    assert "opencv-python-headless" in installed
+    assert all(metadata.version(w) for w in installed)
+
+
 def test_doctor_tiny_model_runs_like_a_raw_yolo_output(tmp_path: Path) -> None:
     import onnxruntime as ort
 

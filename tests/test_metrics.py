@@ -154,7 +154,8 @@ def series(fams: dict[str, dict[str, Any]], name: str) -> dict[Labels, float]:
 
 # ---- the daemon's stats dict ----------------------------------------------------------------------------
 def test_daemon_collector_follows_cameras_between_scrapes() -> None:
-    current = daemon_stats({"door": camera_stats(), "yard": camera_stats("reconnecting", 7)})
+    current = daemon_stats({"door": {**camera_stats(), "objects": {"live": 3, "total": 17, "errors": 1}},
+                            "yard": camera_stats("reconnecting", 7)})
     reg = registry_of(DaemonCollector(lambda: current))
 
     fams = parse(render(reg))
@@ -172,6 +173,12 @@ def test_daemon_collector_follows_cameras_between_scrapes() -> None:
     assert series(fams, "streamd_camera_queue_depth")[(("camera", "door"),)] == 2
     assert fams["streamd_camera_queue_depth"]["type"] == "gauge"
     assert series(fams, "streamd_camera_frame_width_pixels")[(("camera", "door"),)] == 1920
+    # Only the tracked camera has object series.
+    assert series(fams, "streamd_camera_objects_live") == {(("camera", "door"),): 3}
+    assert fams["streamd_camera_objects_live"]["type"] == "gauge"
+    assert series(fams, "streamd_camera_objects_total") == {(("camera", "door"),): 17}
+    assert fams["streamd_camera_objects_total"]["type"] == "counter"
+    assert series(fams, "streamd_camera_tracking_errors_total") == {(("camera", "door"),): 1}
     states = series(fams, "streamd_camera_state")
     assert len(states) == 2 * len(CAMERA_STATES)
     assert {dict(k)["state"] for k, v in states.items() if v == 1 and dict(k)["camera"] == "yard"} == {"reconnecting"}

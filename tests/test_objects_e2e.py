@@ -180,8 +180,9 @@ def test_every_start_has_one_end_across_camera_loss_reload_and_shutdown(
     seen = len(starts_and_ends(coll)[0])
     wait_until(lambda: started_after(seen), 60, what="objects tracked with the new settings")
     # The stats message counts each tracked camera's live objects.
-    coll.wait_for(lambda b: b["type"] == "stats" and b["cameras"].get("gt", {}).get("objects", {}).get("live", 0) > 0,
-                  30, "a stats message counting live objects")
+    counted = coll.wait_for(lambda b: b["type"] == "stats"
+                            and b["cameras"].get("gt", {}).get("objects", {}).get("live", 0) > 0,
+                            30, "a stats message counting live objects")["cameras"]["gt"]["objects"]
     assert daemon.stop() == 0                                   # SIGTERM
     wait_until(lambda: ended_by("shutdown"), 10, what="objects ended by the shutdown")
 
@@ -191,6 +192,10 @@ def test_every_start_has_one_end_across_camera_loss_reload_and_shutdown(
     assert set(ends) == set(ids), f"starts {sorted(ids)} vs ends {sorted(ends)}"
     assert all(len(es) == 1 for es in ends.values()), ends
     assert all(ends[i][0]["duration_s"] >= 0 for i in ids)
+    # Ids count up from 1 without gaps, across the outage and the reload; the stats message
+    # counted every id handed out by then, no more.
+    assert sorted(ids) == list(range(1, len(ids) + 1)), sorted(ids)
+    assert 1 <= counted["live"] <= counted["total"] <= len(ids) and counted["errors"] == 0, counted
     jpegs = [b for b in coll.of("event") if b["event"] == "end" and "_snapshot" in b]
     assert jpegs and all(b["_snapshot"][:2] == b"\xff\xd8" and b["snapshot"]["bytes"] == len(b["_snapshot"])
                          for b in jpegs)

@@ -18,8 +18,10 @@ from tests.fixtures_stats import camera_stats, daemon_stats
 
 
 def stats_body(seq: int = 1, version: int = protocol.PROTOCOL_VERSION) -> dict[str, Any]:
-    body = daemon_stats({"door": camera_stats(), "yard": {**camera_stats("reconnecting", 6), "width": 0,
-                                                          "height": 0, "reconnects": 12}})
+    body = daemon_stats({"door": {**camera_stats(), "objects": {"live": 3, "total": 17, "errors": 0}},
+                         "yard": {**camera_stats("reconnecting", 6), "width": 0, "height": 0, "reconnects": 12,
+                                  "objects": {"live": 0, "total": 4, "errors": 2}},
+                         "gate": camera_stats()})
     return {"v": version, "type": protocol.TYPE_STATS, "seq": seq, "pub": "3f9c2a71b0de",
             "publish_ts": time.time(), **body}
 
@@ -28,10 +30,13 @@ def test_format_status_table() -> None:
     text = format_status(stats_body(seq=42))
     lines = text.splitlines()
     assert lines[0].startswith("streamd 3f9c2a71b0de") and "(seq 42)" in lines[0]
-    header, door, yard = lines[1], lines[2], lines[3]
+    header, door, yard, gate = lines[1], lines[2], lines[3], lines[4]
     assert header.split()[:6] == ["CAMERA", "STATE", "DECODED", "SKIPPED", "INFERRED", "PUBLISHED"]
-    assert door.split() == ["door", "streaming", "100", "200", "95", "94", "3/2/40", "0/7", "1", "2", "1920x1080"]
-    assert yard.split() == ["yard", "reconnecting", "6", "12", "1", "0", "3/2/40", "0/7", "12", "2", "-"]
+    assert door.split() == ["door", "streaming", "100", "200", "95", "94", "3/2/40", "0/7", "1", "2", "1920x1080",
+                            "3/17"]
+    assert yard.split() == ["yard", "reconnecting", "6", "12", "1", "0", "3/2/40", "0/7", "12", "2", "-",
+                            "0/4", "(2", "failed)"]
+    assert gate.split()[-2:] == ["1920x1080", "-"]    # a camera without a tracker
     # Fixed width: every column starts at the same offset on every row.
     col = header.index("DECODED")
     end = col + len("DECODED")
@@ -48,7 +53,7 @@ def test_format_status_tolerates_sparse_bodies() -> None:
     text = format_status({"cameras": {"x": {"state": "starting"}}, "scheduler": {"batches": 0, "frames": 0,
                                                                                  "infer_ms_mean": None}})
     assert "(no cameras)" not in text
-    assert text.splitlines()[1].split() == ["x", "starting", "-", "-", "-", "-", "-/-/-", "-/-", "-", "-", "-"]
+    assert text.splitlines()[1].split() == ["x", "starting", "-", "-", "-", "-", "-/-/-", "-/-", "-", "-", "-", "-"]
     assert "mean batch -" in text and "inference -/batch" in text and "uptime -" in text
     assert "(no cameras)" in format_status({})
     assert [format_uptime(s) for s in (5, 65, 3600, 90061, None)] == ["5s", "1m 05s", "1h 00m 00s",

@@ -2,12 +2,14 @@
 # Installs the Debian/Ubuntu packages streamd's demo and tests need, if they are missing:
 # FFmpeg (to make clips), GStreamer's RTSP server with Python bindings (the test cameras), and
 # the Mosquitto and Redis servers the broker-output tests start, and Chromium (the live view's
-# test loads the page headless). The daemon itself needs none; its
+# test loads the page headless), and libGL for the GUI build of OpenCV that the `tracking`
+# extra's ByteTrack library brings (it shares cv2 with the headless build). The daemon itself needs none; its
 # child-process decoders (sources.decoder: ffmpeg | gstreamer) run ffmpeg or gst-launch-1.0.
 set -euo pipefail
 
 pkgs=(ffmpeg gstreamer1.0-tools python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav mosquitto redis-server chromium)
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav mosquitto redis-server chromium
+      libgl1)
 
 have_all() {
   command -v ffmpeg >/dev/null 2>&1 || return 1
@@ -16,6 +18,7 @@ have_all() {
   [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || return 1
   command -v redis-server >/dev/null 2>&1 || return 1
   command -v chromium >/dev/null 2>&1 || return 1
+  ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1' || return 1
   /usr/bin/python3 - <<'PY' >/dev/null 2>&1 || return 1
 import gi
 gi.require_version("Gst", "1.0")

@@ -20,7 +20,7 @@ _COLUMNS = (
     ("CAMERA", False), ("STATE", False), ("DECODED", True), ("SKIPPED", True), ("INFERRED", True),
     ("PUBLISHED", True),
     ("DROPS q/old/cap", True), ("ERRORS bad/corrupt", True), ("RECONN", True), ("QUEUE", True),
-    ("RESOLUTION", False),
+    ("RESOLUTION", False), ("OBJECTS live/total", True),
 )
 
 
@@ -53,7 +53,16 @@ def _camera_row(cid: str, c: Mapping[str, Any]) -> list[str]:
             _int(c.get("published")),
             "/".join(_int(d.get(k)) for k in ("queue_full", "too_old", "fps_cap")),
             f"{_int(c.get('decode_errors'))}/{_int(c.get('corrupt_frames'))}",
-            _int(c.get("reconnects")), _int(c.get("queue_depth")), res]
+            _int(c.get("reconnects")), _int(c.get("queue_depth")), res, _objects(c.get("objects"))]
+
+
+def _objects(objects: Any) -> str:
+    # "-" for a camera without a tracker; tracker failures, rare, only when there were any.
+    if not isinstance(objects, Mapping):
+        return "-"
+    cell = f"{_int(objects.get('live'))}/{_int(objects.get('total'))}"
+    errors = objects.get("errors")
+    return f"{cell} ({_int(errors)} failed)" if isinstance(errors, int) and errors > 0 else cell
 
 
 def format_status(stats_body: Mapping[str, Any]) -> str:

@@ -62,6 +62,37 @@ def opencv_video_io(build_info: str) -> dict[str, bool]:
     return found
 
 
+# OpenCV's PyPI wheels all install the same ``cv2`` package: with two of them in one
+# environment the files of whichever was installed last are the ones imported. streamd asks
+# for the headless one; Roboflow's ``trackers`` (the ``tracking`` extra) asks for the GUI
+# one, whose cv2 needs libGL and X11 libraries a server may not have.
+_OPENCV_WHEELS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                  "opencv-contrib-python-headless")
+
+
+def _installed_distributions() -> list[str]:
+    from importlib import metadata
+    return [d.metadata["Name"] or "" for d in metadata.distributions()]
+
+
+def opencv_wheels(names: list[str]) -> list[str]:
+    """The OpenCV wheels among installed distribution ``names`` (PyPI names compare
+    case-insensitively, with ``_`` and ``-`` the same)."""
+    normal = {n.lower().replace("_", "-") for n in names}
+    return [w for w in _OPENCV_WHEELS if w in normal]
+
+
+def opencv_wheels_note(wheels: list[str]) -> str | None:
+    """A warning when more than one OpenCV wheel shares ``cv2``; None when there is one."""
+    if len(wheels) < 2:
+        return None
+    gui = [w for w in wheels if not w.endswith("headless")]
+    fix = ("; if cv2 fails on libGL, `apt-get install libgl1` or "
+           "`pip install --force-reinstall --no-deps opencv-python-headless`") if gui else ""
+    return (f"{' and '.join(wheels)} are {'both' if len(wheels) == 2 else 'all'} installed and share cv2: "
+            f"the one installed last is in use{fix}")
+
+
 def tiny_onnx(path: Path) -> None:
     """A 3->(4+2)-channel conv + sigmoid with a dynamic batch, shaped like a raw YOLOv8
     output (batch, 4 + classes, anchors), so the backend takes it like a real model."""
@@ -206,6 +237,11 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
                             detail + ("" if io["FFMPEG"] else " (RTSP cameras need FFmpeg)")))
     except Exception as exc:
         checks.append(Check("opencv", FAIL, f"cannot be imported ({exc})"))
+    wheels = opencv_wheels(_installed_distributions())
+    note = opencv_wheels_note(wheels)
+    if note:
+        cv = checks[-1]
+        cv.detail += f"; {note}"
 
     from ..backends.tensorrt.logic import TrtVersion, check_supported
     from ..backends.tensorrt.probe import CUDA_HINT, cuda_driver, probe_gpu, tensorrt_version

@@ -80,6 +80,14 @@ _CAMERA_GAUGES = (
     ("height", "streamd_camera_frame_height_pixels", "Height of the camera's frames (0 until known)."),
 )
 
+_OBJECT_FAMILIES: tuple[tuple[str, type[Metric], str, str], ...] = (
+    ("live", GaugeMetricFamily, "streamd_camera_objects_live", "Objects the camera's tracker follows now."),
+    ("total", CounterMetricFamily, "streamd_camera_objects_total",
+     "Objects (track ids) the camera's tracker has handed out since the daemon started."),
+    ("errors", CounterMetricFamily, "streamd_camera_tracking_errors_total",
+     "Frames published without track ids because the tracker failed on them."),
+)
+
 
 def _num(value: Any) -> float:
     # A missing or null field reads as 0 rather than failing the whole scrape.
@@ -117,6 +125,14 @@ def daemon_families(stats: Mapping[str, Any]) -> list[Metric]:
         for cid, c in cams.items():
             gauge.add_metric([cid], _num(c.get(key)))
         fams.append(gauge)
+    # Only cameras that track objects have these (``tracking.tracker`` not ``off``).
+    for key, kind, name, help_ in _OBJECT_FAMILIES:
+        fam = kind(name, help_, labels=["camera"])
+        for cid, c in cams.items():
+            objects = c.get("objects")
+            if isinstance(objects, Mapping):
+                fam.add_metric([cid], _num(objects.get(key)))
+        fams.append(fam)
     state = GaugeMetricFamily("streamd_camera_state", "1 for the camera's current state, 0 for the others.",
                               labels=["camera", "state"])
     for cid, c in cams.items():
