@@ -6,7 +6,8 @@ Both decode the same clip as fast as they can on one decoder thread (``sources.d
 default) and deliver what the scheduler letterboxes: OpenCV a 1920x1080 BGR frame that preprocess
 then resizes to 640x360, the child a 640x360 BGR frame read from its pipe (no resize left).
 CPU is user + system time of this process and its children (getrusage), per frame and as the
-share of one core a 25 frames/s camera costs.
+share of one core a 25 frames/s camera costs. A third row decodes the clip with FFmpeg to
+nothing: the most any software decoder could save is the gap between it and the first row.
 
     .venv/bin/python benchmarks/bench_decoders.py [--seconds 8] [--record]
 """
@@ -78,6 +79,18 @@ def run_child(clip: Path) -> tuple[int, float, float]:
     return n, cpu_now() - cpu0, time.monotonic() - t0
 
 
+def run_decode_only(clip: Path) -> tuple[int, float, float]:
+    """The floor under both: FFmpeg decoding the clip to nothing on one thread (no colour
+    conversion, no scaling, no pipe). No software decoder delivering frames can cost less."""
+    probe = cv2.VideoCapture(str(clip), cv2.CAP_FFMPEG)
+    n = int(probe.get(cv2.CAP_PROP_FRAME_COUNT))
+    probe.release()
+    cpu0, t0 = cpu_now(), time.monotonic()
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-threads", "1", "-i", str(clip),
+                    "-map", "0:v:0", "-f", "null", "-"], check=True, timeout=600)
+    return n, cpu_now() - cpu0, time.monotonic() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8, help="clip length (25 frames/s)")
@@ -86,7 +99,8 @@ def main() -> int:
     cv2.setNumThreads(1)
     clip = make_clip(args.seconds)
     rows = []
-    for name, fn in (("OpenCV in process + resize", run_opencv), ("FFmpeg child, scaled in decoder", run_child)):
+    for name, fn in (("OpenCV in process + resize", run_opencv), ("FFmpeg child, scaled in decoder", run_child),
+                     ("decode only, no frames delivered (floor)", run_decode_only)):
         n, cpu, wall = fn(clip)
         rows.append((name, n, cpu / n * 1000, cpu / n * 25 * 100, n / wall))
     base = rows[0][2]

@@ -69,7 +69,11 @@ def ffmpeg_command(cam: CameraConfig, defaults: SourceDefaults, preset: str,
         raise ValueError(f"FFmpeg has no '{preset}' preset (use one of {', '.join(FFMPEG_PRESETS)})")
     if cam.kind == "usb":
         raise ValueError("USB cameras are decoded by opencv")
-    threads = ["-threads", str(defaults.decoder_threads)] if defaults.decoder_threads else []
+    # The filters (scaling, colour conversion) get the decoder's thread budget too: by default
+    # FFmpeg gives the filter graph one thread per core, and on a box of many cameras those
+    # threads only add hand-overs (about 10% more CPU per 1080p frame, benchmarks/RESULTS.md).
+    threads = (["-threads", str(defaults.decoder_threads), "-filter_threads", str(defaults.decoder_threads)]
+               if defaults.decoder_threads else [])
     # One second of probing is plenty for one video stream (FFmpeg's 5 s default slows every connect).
     src: list[str] = ["-analyzeduration", "1000000"]
     stdin = None
