@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from ...errors import BackendError, ManifestError
-from ...manifest import PAD_VALUE, ModelManifest, sidecar_path
+from ...manifest import PAD_VALUE, ModelManifest
 from ..base import Backend, ModelInfo
 from .build import last_error, make_logger, rebuild_engine
 from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
 from .probe import import_cuda, import_tensorrt
+from .trusted import EngineIO, infer_engine_io, trust_checks, trust_warning, trusted_manifest
 from .profiles import (
     BatchProfile,
     BufferSpec,
@@ -101,7 +102,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, path: Path, *, device: str = "auto", threads: int = 0,
                  verify_sha256: bool = True, warmup: bool = True, rebuild: bool = False,
-                 gpu: int = 0, slots: int = 2) -> None:
+                 gpu: int = 0, slots: int = 2, trust_engine: bool = False,
+                 class_names: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self._closed = False
         self._cuda_ctx: Any = None
@@ -120,16 +122,18 @@ class TensorRTBackend(Backend):
             log.warning("%s: verify_sha256 is off, but engines are always checked", self.path.name)
         if not 1 <= slots <= 8:
             raise BackendError(f"slots {slots}: must be between 1 and 8")
-        if not sidecar_path(self.path).exists():
-            raise ManifestError(f"{self.path}: no manifest ({sidecar_path(self.path).name}) beside the "
-                                f"engine; streamd loads only engines whose manifest records what built "
-                                f"them (export with streamd-export --engine)")
-        manifest = ModelManifest.read(self.path)
+        # An engine without a manifest is loaded only on model.trust_engine (``trusted``):
+        # its manifest is then made from the engine's own I/O once TensorRT has read it.
+        manifest: ModelManifest | None = None
+        self._trusted_names = trust_checks(self.path, trust_engine, class_names)
+        if self._trusted_names is None:
+            manifest = ModelManifest.read(self.path)
         # Read once: the bytes that are checked are the bytes TensorRT gets. A changed file
         # is refused before anything native is loaded, on any machine.
         plan: bytes = self.path.read_bytes()
         actual_sha = hashlib.sha256(plan).hexdigest()
-        check_engine_file(manifest, actual_sha, path=self.path)
+        if manifest is not None:
+            check_engine_file(manifest, actual_sha, path=self.path)
         trt = import_tensorrt()
         cuda = import_cuda()
         self._cuda = cuda
@@ -138,14 +142,14 @@ class TensorRTBackend(Backend):
             facts = RuntimeFacts(str(trt.__version__), format_cc(*dev.compute_capability()), dev.name())
         except cuda.Error as exc:
             raise BackendError(f"GPU {gpu}: {exc}") from None
-        verdict = check_engine(manifest, actual_sha, facts, path=self.path, allow_rebuild=rebuild)
-        if verdict.action == "rebuild":
-            manifest, plan = rebuild_engine(self.path, manifest, verdict, facts)
-        self.manifest = manifest
+        if manifest is not None:
+            verdict = check_engine(manifest, actual_sha, facts, path=self.path, allow_rebuild=rebuild)
+            if verdict.action == "rebuild":
+                manifest, plan = rebuild_engine(self.path, manifest, verdict, facts)
         self._cuda_ctx = dev.retain_primary_context()
         try:
             with self._active():
-                self._load(trt, plan, manifest, slots)
+                self._load(trt, plan, manifest, slots, facts=facts, sha256=actual_sha)
         except BaseException:
             self.close()
             raise
@@ -158,7 +162,8 @@ class TensorRTBackend(Backend):
                 raise
 
     # ---- loading ------------------------------------------------------------------------
-    def _load(self, trt: Any, plan: bytes, manifest: ModelManifest, n_slots: int) -> None:
+    def _load(self, trt: Any, plan: bytes, manifest: ModelManifest | None, n_slots: int, *,
+              facts: RuntimeFacts, sha256: str) -> None:
         cuda = self._cuda
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
@@ -166,9 +171,14 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{self.path.name}: TensorRT could not create a runtime{last_error(self._logger)}")
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
+            trusted_hint = ("; a trusted engine must be a plain plan built by this TensorRT version for "
+                            "this GPU (trtexec --saveEngine writes one)" if manifest is None else "")
             raise BackendError(f"{self.path.name}: TensorRT could not deserialize the engine"
-                               f"{last_error(self._logger)}")
+                               f"{last_error(self._logger)}{trusted_hint}")
         engine = self._engine
+        if manifest is None:
+            manifest = self._trusted_manifest(engine, facts, sha256)
+        self.manifest = manifest
         specs: list[TensorSpec] = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -235,9 +245,22 @@ class TensorRTBackend(Backend):
                               input_hw=(h, w), input_dtype=in_dtype,
                               batch_min=max(manifest.batch_min, 1), batch_max=manifest.batch_max,
                               output_layout=manifest.output_layout, precision=manifest.precision,
-                              sha256=manifest.model_sha256, source="manifest",
+                              sha256=manifest.model_sha256,
+                              source="manifest" if self.trusted_io is None else "trusted engine",
                               dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
                               nms_conf=manifest.nms_conf())
+
+    # ---- engines loaded on model.trust_engine (the decisions are ``trusted``'s) -----------
+    trusted_io: EngineIO | None = None
+
+    def _trusted_manifest(self, engine: Any, facts: RuntimeFacts, sha256: str) -> ModelManifest:
+        """The manifest of an engine without one, from its I/O and the config's names."""
+        io = infer_engine_io(engine, path=self.path)
+        names = self._trusted_names or []
+        manifest = trusted_manifest(io, names, path=self.path, sha256=sha256, facts=facts)
+        self.trusted_io = io
+        log.warning("%s", trust_warning(io, path=self.path, sha256=sha256, names=names))
+        return manifest
 
     def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
         cuda = self._cuda
@@ -368,6 +391,8 @@ class TensorRTBackend(Backend):
                  "profile": self.profile.as_dict()}
         if self.hw_profile is not None:
             facts["hw_profile"] = self.hw_profile.as_dict()
+        if self.trusted_io is not None:
+            facts["trusted"] = self.trusted_io.describe()
         return facts
 
     def close(self) -> None:
