@@ -12,7 +12,9 @@ Loading, in order:
 1. the manifest is read and the plan is checked against it *before* TensorRT sees a byte:
    sha256, TensorRT major.minor, GPU compute capability. A mismatch of version or GPU is
    refused with a message saying what to do, or, with ``rebuild=True``, answered by
-   rebuilding the plan from the ONNX the manifest records (after checking its sha256);
+   rebuilding the plan from the ONNX the manifest records (after checking its sha256).
+   An engine without a manifest is refused, unless ``trust_engine`` (``trusted``): then its
+   manifest is made from its own I/O once deserialized;
 2. the plan is deserialized, its I/O tensors are checked by name, shape and dtype;
 3. pinned host buffers and device buffers sized for the profile's largest batch (and, for
    an engine that takes any H x W, its largest input size) are allocated once per
@@ -30,6 +32,9 @@ The daemon's scheduler calls the plain ``infer`` from each of its workers; with 
 workers (``scheduler.workers``, each its own engine instance, execution context and CUDA
 stream) one worker's letterboxing and copies overlap the other's GPU work, so ``infer``
 blocking until its own output is back costs only the copies.
+
+(Over 400 lines: loading, buffers, running and freeing one engine share one object's state;
+every decision it applies lives in ``logic``, ``profiles`` and ``trusted``.)
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from ..base import Backend, ModelInfo
 from .build import last_error, make_logger, rebuild_engine
 from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
 from .probe import import_cuda, import_tensorrt
-from .trusted import EngineIO, infer_engine_io, trust_checks, trust_warning, trusted_manifest
+from .trusted import TRUSTED_PLAN_HINT, EngineIO, load_trusted, trust_checks
 from .profiles import (
     BatchProfile,
     BufferSpec,
@@ -114,6 +119,7 @@ class TensorRTBackend(Backend):
         self._stream: Any = None
         self._ticket = 0
         self.hw_profile: HwProfile | None = None     # set for engines that take any H x W
+        self.trusted_io: EngineIO | None = None      # set for an engine loaded on model.trust_engine
         if device not in ("auto", "cuda"):
             raise BackendError(f"{self.path.name}: TensorRT engines run on an NVIDIA GPU, not on "
                                f"device {device!r}; use the .onnx model with the onnxruntime backend")
@@ -171,13 +177,12 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{self.path.name}: TensorRT could not create a runtime{last_error(self._logger)}")
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            trusted_hint = ("; a trusted engine must be a plain plan built by this TensorRT version for "
-                            "this GPU (trtexec --saveEngine writes one)" if manifest is None else "")
             raise BackendError(f"{self.path.name}: TensorRT could not deserialize the engine"
-                               f"{last_error(self._logger)}{trusted_hint}")
+                               f"{last_error(self._logger)}{TRUSTED_PLAN_HINT if manifest is None else ''}")
         engine = self._engine
-        if manifest is None:
-            manifest = self._trusted_manifest(engine, facts, sha256)
+        if manifest is None:         # model.trust_engine: the manifest is what the engine says
+            manifest, self.trusted_io = load_trusted(engine, path=self.path, names=self._trusted_names or [],
+                                                     sha256=sha256, facts=facts)
         self.manifest = manifest
         specs: list[TensorSpec] = []
         for i in range(engine.num_io_tensors):
@@ -249,18 +254,6 @@ class TensorRTBackend(Backend):
                               source="manifest" if self.trusted_io is None else "trusted engine",
                               dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
                               nms_conf=manifest.nms_conf())
-
-    # ---- engines loaded on model.trust_engine (the decisions are ``trusted``'s) -----------
-    trusted_io: EngineIO | None = None
-
-    def _trusted_manifest(self, engine: Any, facts: RuntimeFacts, sha256: str) -> ModelManifest:
-        """The manifest of an engine without one, from its I/O and the config's names."""
-        io = infer_engine_io(engine, path=self.path)
-        names = self._trusted_names or []
-        manifest = trusted_manifest(io, names, path=self.path, sha256=sha256, facts=facts)
-        self.trusted_io = io
-        log.warning("%s", trust_warning(io, path=self.path, sha256=sha256, names=names))
-        return manifest
 
     def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
         cuda = self._cuda

@@ -37,6 +37,9 @@ from .profiles import BatchProfile, HwProfile, hw_profile_from_shapes, numpy_dty
 
 log = logging.getLogger("streamd.backend.tensorrt")
 
+TRUSTED_PLAN_HINT = ("; a trusted engine must be a plain plan (as trtexec --saveEngine writes it) built by "
+                     "this TensorRT version for this GPU")
+
 BUILD_TRUSTED = "trusted"          # build facts of an in-memory manifest: loaded on trust_engine
 TRUSTED_PRECISION = "unknown"      # an engine's layer precisions are not visible from its I/O
 END2END_COLUMNS = 6                # x1, y1, x2, y2, score, class
@@ -255,6 +258,16 @@ def trusted_manifest(io: EngineIO, names: Sequence[str] | None, *, path: Path, s
                BUILD_GPU: facts.gpu_name, BUILD_TRUSTED: True})
     manifest.validate(f"{path} (read from the engine)")
     return manifest
+
+
+def load_trusted(engine: Any, *, path: Path, names: Sequence[str], sha256: str,
+                 facts: RuntimeFacts) -> tuple[ModelManifest, EngineIO]:
+    """What the runtime loads a trusted engine by, once TensorRT has deserialized it: the
+    manifest its I/O makes, and that I/O; logs the warning."""
+    io = infer_engine_io(engine, path=path)
+    manifest = trusted_manifest(io, names, path=path, sha256=sha256, facts=facts)
+    log.warning("%s", trust_warning(io, path=path, sha256=sha256, names=names))
+    return manifest, io
 
 
 def trust_warning(io: EngineIO, *, path: Path, sha256: str, names: Sequence[str]) -> str:
