@@ -20,9 +20,11 @@ import pytest
 from streamd.backends import open_backend
 from streamd.backends.tensorrt.logic import RuntimeFacts
 from streamd.backends.tensorrt.probe import tensorrt_version
+from streamd.backends.tensorrt.profiles import TensorSpec, check_io, hw_profile_from_shapes, plan_buffers
 from streamd.backends.tensorrt.trusted import (
     EngineIO,
     infer_engine_io,
+    read_engine_tensors,
     trust_warning,
     trusted_manifest,
 )
@@ -173,6 +175,31 @@ def test_two_input_engine_is_refused_naming_both() -> None:
 def test_engines_streamd_cannot_run_are_refused_saying_why(e: FakeEngine, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         infer_engine_io(e, path=ENGINE)
+
+
+@pytest.mark.parametrize("e", [
+    engine((4, 3, 640, 640), (4, 84, 8400)),
+    engine((-1, 3, 320, 320), (-1, 6, 2100), profile=((1, 3, 320, 320), (4, 3, 320, 320), (8, 3, 320, 320))),
+    engine((-1, 3, -1, -1), (-1, 6, -1), profile=((1, 3, 320, 320), (8, 3, 640, 640), (8, 3, 640, 640))),
+    engine((1, 3, 640, 640), (1, 300, 6), in_dtype=F16, out_dtype=F16),
+], ids=["static", "dynamic-batch", "any-hw", "end2end"])
+def test_the_manifest_made_from_an_engine_passes_the_runtimes_own_checks(e: FakeEngine) -> None:
+    """What the runtime then checks an engine against (the I/O, its profiles, the buffers)
+    holds for the manifest made from that same engine."""
+    io = infer_engine_io(e, path=ENGINE)
+    names = [f"c{i}" for i in range(io.classes or 2)]
+    m = trusted_manifest(io, names, path=ENGINE, sha256="34" * 32, facts=HERE)
+    specs = [TensorSpec(t.name, t.is_input, t.shape, t.dtype) for t in read_engine_tensors(e)]
+    check_io(specs, path=ENGINE, input_name=m.input_name, output_names=m.output_names, imgsz=m.imgsz,
+             dynamic_hw=m.dynamic_hw)
+    if m.dynamic_hw:
+        assert hw_profile_from_shapes(*e.get_tensor_profile_shape("images", 0), stride=m.stride).max == m.imgsz
+    assert io.batch.min <= m.batch_min <= m.batch_max <= io.batch.max
+    at_max = None
+    if m.dynamic_hw:   # the shapes TensorRT would report at the largest batch and input
+        at_max = {"images": (m.batch_max, 3, *m.imgsz), "output0": (m.batch_max, 6, 8400)}
+    buffers = plan_buffers(specs, m.batch_max, at_max)
+    assert buffers[0].shape[0] == m.batch_max
 
 
 def test_class_count_must_match_the_head_naming_both_numbers() -> None:

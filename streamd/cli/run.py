@@ -15,11 +15,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     # The daemon picks the backend before anything else; a model file no backend opens
     # (a PyTorch .pt) fails here as it would there.
+    trusted: list[str] | None = None
     try:
         if backend_name_for(cfg.model.path, cfg.model.backend) == "tensorrt":
             # An engine without a manifest is refused unless the config trusts it: no TensorRT needed.
             from ..backends.tensorrt.trusted import trust_checks
-            trust_checks(cfg.model.path, cfg.model.trust_engine, cfg.model.names)
+            trusted = trust_checks(cfg.model.path, cfg.model.trust_engine, cfg.model.names)
     except ModelError as exc:
         raise ConfigError(str(exc), source=str(args.config), field="model.path") from None
     if args.load_model:
@@ -40,9 +41,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 print(f"warning: {below}")
         finally:
             pool.close()
-    if cfg.model.trust_engine and not args.load_model:
+    if trusted is not None and not args.load_model:
         print(f"model: {cfg.model.path.name} is trusted without a manifest (model.trust_engine), "
-              f"{len(cfg.model.names or [])} class names from the config; its input and output are read "
+              f"{len(trusted)} class names from the config; its input and output are read "
               f"from the engine when TensorRT loads it (--load-model shows them)")
     print(f"{args.config}: OK ({len(cfg.cameras)} cameras, model {cfg.model.path.name}, "
           f"publisher {cfg.publisher.endpoint})")
