@@ -148,6 +148,9 @@ def test_end_to_end_engine_with_nms_inside() -> None:
     m = trusted_manifest(io, ["person", "car"], path=ENGINE, sha256="cd" * 32, facts=HERE)
     assert m.output_layout == LAYOUT_END2END and m.input_dtype == "float16"
     assert "up to 300 boxes" in io.describe()
+    # nothing in the engine says how many classes it has: the warning says what that means
+    text = trust_warning(io, path=ENGINE, sha256="cd" * 32, names=["person", "car"])
+    assert "a class id beyond these names is published by its number" in text
 
 
 def test_two_input_engine_is_refused_naming_both() -> None:
@@ -217,7 +220,7 @@ def test_trusted_manifest_records_this_machine_and_the_warning_says_what_was_inf
     text = trust_warning(io, path=ENGINE, sha256="12" * 32, names=["Normal", "Fall"])
     assert "without a manifest" in text and "checked against nothing" in text
     assert "input images (1, 3, 320, 320) FLOAT" in text and "yolov8_raw, 2 classes" in text
-    assert "Normal, Fall" in text
+    assert "Normal, Fall" in text and "beyond these names" not in text
 
 
 # ---------------------------------------------------------------------------------------

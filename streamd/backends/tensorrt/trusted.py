@@ -273,9 +273,11 @@ def load_trusted(engine: Any, *, path: Path, names: Sequence[str], sha256: str,
 def trust_warning(io: EngineIO, *, path: Path, sha256: str, names: Sequence[str]) -> str:
     """The WARNING logged whenever a trusted engine is loaded."""
     shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    unchecked = ("; an end-to-end output does not say how many classes the model has, so a class id "
+                 "beyond these names is published by its number" if io.classes is None else "")
     return (f"model.trust_engine: loading {path.name} without a manifest: its bytes (sha256 "
             f"{sha256[:12]}…) are checked against nothing, and TensorRT runs it as native code. "
-            f"Read from the engine: {io.describe()}; class names from the config: {shown}")
+            f"Read from the engine: {io.describe()}; class names from the config: {shown}{unchecked}")
 
 
 def read_plan_io(path: Path) -> EngineIO:  # pragma: no cover - needs TensorRT and a GPU
