@@ -26,6 +26,7 @@ from .config_sources import Decoder, Hwaccel, check_decoder_preset
 from .errors import ConfigError
 from .redact import redact_url, register_secret, register_url
 from .config_cameras import CAMERA_ID, CameraConfig, TrackingConfig  # noqa: F401
+from .config_engine import check_names, check_trust_engine, resolve_names_file
 from .config_http import HttpConfig, check_http
 from .config_outputs import (HomeAssistantConfig, MqttOutputConfig, MqttTlsConfig,  # noqa: F401
                              OutputsConfig, PasswordSource, RedisOutputConfig, RedisRequestsConfig,
@@ -62,6 +63,24 @@ class ModelConfig(StrictModel):
                                    "paths are relative to the config file)")
     openvino_bf16: bool = Field(False, description="OpenVINO on a CPU with BF16: run an FP32 model in BF16 "
                                 "(about 2x faster; boxes and scores move slightly)")
+    # An engine built elsewhere without a manifest (config_engine.py says how these are checked).
+    trust_engine: bool = Field(False, description="TensorRT: load an engine that has no manifest (built "
+                               "with trtexec), its input and output read from the engine and its classes "
+                               "from names or names_file; nothing checks its bytes (logged as a warning)")
+    names: list[str] | None = Field(None, description="a trusted engine's class names, in class-id order")
+    names_file: Path | None = Field(None, description="a trusted engine's class names, one per line "
+                                    "(relative paths are relative to the config file)")
+
+    @field_validator("trust_engine")
+    @classmethod
+    def _trust_engine(cls, v: bool, info: ValidationInfo) -> bool:
+        return check_trust_engine(v, info.data.get("path"), info.data.get("backend"))
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # trust_engine is absent from info.data only where it failed its own check: no second error.
+        return check_names(v, info.data.get("trust_engine", True))
 
     @field_validator("device")
     @classmethod
@@ -274,6 +293,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     if check_files and not cfg.model.path.is_file():
         raise ConfigError(f"model file not found: {cfg.model.path}", source=source, field="model.path",
                           line=line_for(("model", "path"), lines))
+    cfg = cfg.model_copy(update={"model": resolve_names_file(cfg.model, source, base_dir, lines, check_files)})
     cfg = _resolve_curve_keys(cfg, source, base_dir, lines, check_files)
     cfg = cfg.model_copy(update={"http": check_http(cfg.http, source, base_dir, lines, check_files)})
     cfg = cfg.model_copy(update={"outputs": resolve_output_secrets(cfg.outputs, source, base_dir, lines,

@@ -27,6 +27,9 @@ NOT_SHOWN = {"scheduler.pipeline_depth": "no longer used",
              "requests.redis.password": "instead of password_file",
 
              "http.token_file": "instead of token",
+             # only with trust_engine: true, which needs a .engine model (the example's is .onnx)
+             "model.names": "a trusted engine's class names",
+             "model.names_file": "a trusted engine's class names",
              # metrics: is the older spelling of http: (a file may not have both)
              **{k: "older spelling" for k in ("metrics", "metrics.enabled", "metrics.host", "metrics.port")}}
 # A commented-out key is "# " followed by the YAML line as it would be written: a key at the

@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -176,12 +177,17 @@ def pool_rate(pool: BackendPool) -> float | None:
 
 
 def backend_options(backend: str, *, rebuild: bool, cache_dir: Path | None,
-                    verify_sha256: bool, bf16: bool = False) -> dict[str, Any]:
-    """The options ``backend`` takes: only TensorRT rebuilds, only OpenVINO caches and
-    runs FP32 models in BF16."""
+                    verify_sha256: bool, bf16: bool = False, trust_engine: bool = False,
+                    names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The options ``backend`` takes: only TensorRT rebuilds and loads an engine without a
+    manifest on trust (with the config's class names), only OpenVINO caches and runs FP32
+    models in BF16."""
     opts: dict[str, Any] = {"verify_sha256": verify_sha256}
     if backend == "tensorrt" and rebuild:
         opts["rebuild"] = True
+    if backend == "tensorrt" and trust_engine:
+        opts["trust_engine"] = True
+        opts["class_names"] = list(names or [])
     if backend == "openvino":
         if cache_dir is not None:
             opts["cache_dir"] = cache_dir / "openvino"
@@ -192,7 +198,8 @@ def backend_options(backend: str, *, rebuild: bool, cache_dir: Path | None,
 
 def open_model_pool(path: Path, backend: str, *, device: str, threads: int, workers: int | None,
                     autotune_s: float, verify_sha256: bool = True, rebuild: bool = False,
-                    cache_dir: Path | None = None, bf16: bool = False) -> BackendPool:
+                    cache_dir: Path | None = None, bf16: bool = False, trust_engine: bool = False,
+                    names: Sequence[str] | None = None) -> BackendPool:
     """The daemon's model: the named backend, or with ``auto`` the fastest candidate here."""
     path = Path(path)
     cache = cache_dir or default_cache_dir(path)
@@ -201,7 +208,8 @@ def open_model_pool(path: Path, backend: str, *, device: str, threads: int, work
         return open_pool(path, c.backend, device=c.device if backend == "auto" else device,
                          threads=threads, workers=workers, autotune_s=seconds,
                          **backend_options(c.backend, rebuild=rebuild, cache_dir=cache,
-                                           verify_sha256=verify_sha256, bf16=bf16))
+                                           verify_sha256=verify_sha256, bf16=bf16,
+                                           trust_engine=trust_engine, names=names))
 
     if backend != "auto":
         meant = meant_for(path) if path.is_file() else ()

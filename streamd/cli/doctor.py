@@ -20,9 +20,11 @@ def register(subparsers: "argparse._SubParsersAction[Any]") -> None:
     """Add ``streamd doctor`` to the ``streamd`` command's subparsers."""
     d = subparsers.add_parser("doctor", help="check what this machine can run (ONNX Runtime, "
                                              "OpenVINO, OpenCV, TensorRT, GPU) and how fast")
-    d.add_argument("--model", metavar="ONNX", help="also load this exported model and measure it on "
-                                                   "every backend and device; with TensorRT and a GPU, "
-                                                   "build and compare an engine from it")
+    d.add_argument("--model", metavar="MODEL", help="also load this exported model and measure it on "
+                                                    "every backend and device; with TensorRT and a GPU, "
+                                                    "build and compare an engine from it. A .engine: "
+                                                    "its inputs and outputs as TensorRT reads them (what "
+                                                    "model.trust_engine infers for one without a manifest)")
     d.add_argument("--require-tensorrt", action="store_true",
                    help="count a missing TensorRT, CUDA binding or GPU as a failure")
     d.set_defaults(func=_cmd_doctor)

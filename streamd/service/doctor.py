@@ -275,7 +275,11 @@ def run_checks(model: Path | None, require_tensorrt: bool) -> list[Check]:
         checks.append(Check("gpu", OK, f"{gpu.name}, compute capability {gpu.compute_capability}, "
                                        f"{gpu.memory_mb} MiB, driver {gpu.driver} (via {gpu.via})"))
     checks += decoder_checks()
-    if model is not None:
+    from ..config_engine import ENGINE_SUFFIXES
+    if model is not None and model.suffix.lower() in ENGINE_SUFFIXES:
+        checks.append(engine_model_check(model, tensorrt=trt_version is not None))
+        model = None         # the self-test builds from an ONNX: its tiny network then
+    elif model is not None:
         checks.append(onnx_model_check(model))
     needs = selftest_needs(tensorrt=trt_version is not None, cuda=have_cuda, gpu=gpu is not None,
                            model=model, onnx_problem=onnx_package_problem() if model is None else None)
@@ -330,6 +334,29 @@ def onnx_model_check(model: Path) -> Check:
                                   f"{tuple(y.shape)})")
     except (StreamdError, OSError) as exc:
         return Check("model", FAIL, str(exc))
+
+
+def engine_model_check(model: Path, *, tensorrt: bool) -> Check:
+    """A TensorRT engine given with ``--model``: its inputs and outputs as TensorRT reports them,
+    and whether it has a manifest or needs ``model.trust_engine`` (with that many names)."""
+    from ..errors import StreamdError
+    from ..manifest import sidecar_path
+
+    manifest = sidecar_path(model)
+    has = (f"has its manifest ({manifest.name})" if manifest.exists() else
+           "no manifest: load it with model.trust_engine: true and its class names in model.names")
+    if not model.is_file():
+        return Check("model", FAIL, f"{model}: no such engine file")
+    if not tensorrt:
+        return Check("model", MISSING, f"{model.name}: {has}; reading its inputs and outputs needs TensorRT, "
+                                       f"which is not installed here")
+    try:
+        from ..backends.tensorrt.trusted import read_plan_io
+        io = read_plan_io(model)
+    except (StreamdError, OSError) as exc:
+        return Check("model", FAIL, str(exc))
+    count = f" ({io.classes} names)" if io.classes is not None and not manifest.exists() else ""
+    return Check("model", OK, f"{model.name}: {io.describe()}; {has}{count}")
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ def load_backend(m: ModelConfig, s: SchedulerConfig) -> BackendPool:
     pool = open_model_pool(m.path, m.backend, device=m.device, threads=m.threads,
                             workers=None if s.workers == "auto" else s.workers, autotune_s=s.autotune_s,
                             verify_sha256=m.verify_sha256, rebuild=m.rebuild_engine, cache_dir=m.cache_dir,
-                            bf16=m.openvino_bf16)
+                            bf16=m.openvino_bf16, trust_engine=m.trust_engine, names=m.names)
     warn_if_conf_below_graph(pool.info, m.conf)
     return pool
 
@@ -29,5 +29,5 @@ def model_identity(m: ModelConfig, s: SchedulerConfig) -> tuple[Any, ...]:
     except OSError:
         file_id = ()
     return (m.path, m.backend, m.device, m.threads, m.verify_sha256, m.rebuild_engine, m.cache_dir,
-            m.openvino_bf16, file_id,
+            m.openvino_bf16, m.trust_engine, tuple(m.names or ()), file_id,
             s.workers, s.autotune_s)

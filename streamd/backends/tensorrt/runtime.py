@@ -12,7 +12,9 @@ Loading, in order:
 1. the manifest is read and the plan is checked against it *before* TensorRT sees a byte:
    sha256, TensorRT major.minor, GPU compute capability. A mismatch of version or GPU is
    refused with a message saying what to do, or, with ``rebuild=True``, answered by
-   rebuilding the plan from the ONNX the manifest records (after checking its sha256);
+   rebuilding the plan from the ONNX the manifest records (after checking its sha256).
+   An engine without a manifest is refused, unless ``trust_engine`` (``trusted``): then its
+   manifest is made from its own I/O once deserialized;
 2. the plan is deserialized, its I/O tensors are checked by name, shape and dtype;
 3. pinned host buffers and device buffers sized for the profile's largest batch (and, for
    an engine that takes any H x W, its largest input size) are allocated once per
@@ -30,13 +32,16 @@ The daemon's scheduler calls the plain ``infer`` from each of its workers; with 
 workers (``scheduler.workers``, each its own engine instance, execution context and CUDA
 stream) one worker's letterboxing and copies overlap the other's GPU work, so ``infer``
 blocking until its own output is back costs only the copies.
+
+(Over 400 lines: loading, buffers, running and freeing one engine share one object's state;
+every decision it applies lives in ``logic``, ``profiles`` and ``trusted``.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +50,12 @@ from typing import Any
 import numpy as np
 
 from ...errors import BackendError, ManifestError
-from ...manifest import PAD_VALUE, ModelManifest, sidecar_path
+from ...manifest import PAD_VALUE, ModelManifest
 from ..base import Backend, ModelInfo
 from .build import last_error, make_logger, rebuild_engine
 from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
 from .probe import import_cuda, import_tensorrt
+from .trusted import TRUSTED_PLAN_HINT, EngineIO, load_trusted, trust_checks
 from .profiles import (
     BatchProfile,
     BufferSpec,
@@ -101,7 +107,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, path: Path, *, device: str = "auto", threads: int = 0,
                  verify_sha256: bool = True, warmup: bool = True, rebuild: bool = False,
-                 gpu: int = 0, slots: int = 2) -> None:
+                 gpu: int = 0, slots: int = 2, trust_engine: bool = False,
+                 class_names: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self._closed = False
         self._cuda_ctx: Any = None
@@ -112,6 +119,7 @@ class TensorRTBackend(Backend):
         self._stream: Any = None
         self._ticket = 0
         self.hw_profile: HwProfile | None = None     # set for engines that take any H x W
+        self.trusted_io: EngineIO | None = None      # set for an engine loaded on model.trust_engine
         if device not in ("auto", "cuda"):
             raise BackendError(f"{self.path.name}: TensorRT engines run on an NVIDIA GPU, not on "
                                f"device {device!r}; use the .onnx model with the onnxruntime backend")
@@ -120,16 +128,18 @@ class TensorRTBackend(Backend):
             log.warning("%s: verify_sha256 is off, but engines are always checked", self.path.name)
         if not 1 <= slots <= 8:
             raise BackendError(f"slots {slots}: must be between 1 and 8")
-        if not sidecar_path(self.path).exists():
-            raise ManifestError(f"{self.path}: no manifest ({sidecar_path(self.path).name}) beside the "
-                                f"engine; streamd loads only engines whose manifest records what built "
-                                f"them (export with streamd-export --engine)")
-        manifest = ModelManifest.read(self.path)
+        # An engine without a manifest is loaded only on model.trust_engine (``trusted``):
+        # its manifest is then made from the engine's own I/O once TensorRT has read it.
+        manifest: ModelManifest | None = None
+        self._trusted_names = trust_checks(self.path, trust_engine, class_names)
+        if self._trusted_names is None:
+            manifest = ModelManifest.read(self.path)
         # Read once: the bytes that are checked are the bytes TensorRT gets. A changed file
         # is refused before anything native is loaded, on any machine.
         plan: bytes = self.path.read_bytes()
         actual_sha = hashlib.sha256(plan).hexdigest()
-        check_engine_file(manifest, actual_sha, path=self.path)
+        if manifest is not None:
+            check_engine_file(manifest, actual_sha, path=self.path)
         trt = import_tensorrt()
         cuda = import_cuda()
         self._cuda = cuda
@@ -138,14 +148,14 @@ class TensorRTBackend(Backend):
             facts = RuntimeFacts(str(trt.__version__), format_cc(*dev.compute_capability()), dev.name())
         except cuda.Error as exc:
             raise BackendError(f"GPU {gpu}: {exc}") from None
-        verdict = check_engine(manifest, actual_sha, facts, path=self.path, allow_rebuild=rebuild)
-        if verdict.action == "rebuild":
-            manifest, plan = rebuild_engine(self.path, manifest, verdict, facts)
-        self.manifest = manifest
+        if manifest is not None:
+            verdict = check_engine(manifest, actual_sha, facts, path=self.path, allow_rebuild=rebuild)
+            if verdict.action == "rebuild":
+                manifest, plan = rebuild_engine(self.path, manifest, verdict, facts)
         self._cuda_ctx = dev.retain_primary_context()
         try:
             with self._active():
-                self._load(trt, plan, manifest, slots)
+                self._load(trt, plan, manifest, slots, facts=facts, sha256=actual_sha)
         except BaseException:
             self.close()
             raise
@@ -158,7 +168,8 @@ class TensorRTBackend(Backend):
                 raise
 
     # ---- loading ------------------------------------------------------------------------
-    def _load(self, trt: Any, plan: bytes, manifest: ModelManifest, n_slots: int) -> None:
+    def _load(self, trt: Any, plan: bytes, manifest: ModelManifest | None, n_slots: int, *,
+              facts: RuntimeFacts, sha256: str) -> None:
         cuda = self._cuda
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
@@ -167,8 +178,12 @@ class TensorRTBackend(Backend):
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise BackendError(f"{self.path.name}: TensorRT could not deserialize the engine"
-                               f"{last_error(self._logger)}")
+                               f"{last_error(self._logger)}{TRUSTED_PLAN_HINT if manifest is None else ''}")
         engine = self._engine
+        if manifest is None:         # model.trust_engine: the manifest is what the engine says
+            manifest, self.trusted_io = load_trusted(engine, path=self.path, names=self._trusted_names or [],
+                                                     sha256=sha256, facts=facts)
+        self.manifest = manifest
         specs: list[TensorSpec] = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -235,7 +250,8 @@ class TensorRTBackend(Backend):
                               input_hw=(h, w), input_dtype=in_dtype,
                               batch_min=max(manifest.batch_min, 1), batch_max=manifest.batch_max,
                               output_layout=manifest.output_layout, precision=manifest.precision,
-                              sha256=manifest.model_sha256, source="manifest",
+                              sha256=manifest.model_sha256,
+                              source="manifest" if self.trusted_io is None else "trusted engine",
                               dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
                               nms_conf=manifest.nms_conf())
 
@@ -368,6 +384,8 @@ class TensorRTBackend(Backend):
                  "profile": self.profile.as_dict()}
         if self.hw_profile is not None:
             facts["hw_profile"] = self.hw_profile.as_dict()
+        if self.trusted_io is not None:
+            facts["trusted"] = self.trusted_io.describe()
         return facts
 
     def close(self) -> None:
