@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS: dict[str, list[str]] = PROJECT["optional-dependencies"]
 # What the torch-free export must do without: the export extra's heavy parts, and sympy (ONNX
-# Runtime's optional symbolic shape inference, which the INT8 stage skips).
+# Runtime's optional symbolic shape inference, which the FP16 and INT8 stages skip).
 NOT_INSTALLED = ("torch", "torchvision", "ultralytics", "onnxslim", "sympy")
 TRACE = ("import json, sys\n"
          f"for m in {NOT_INSTALLED!r}: sys.modules[m] = None\n"

@@ -37,6 +37,7 @@ import contextlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,11 +104,30 @@ def _constants_to_initializers(graph: object) -> None:
     graph.node.extend(kept_nodes)  # type: ignore[attr-defined]
 
 
+def _without_symbolic_shapes(model: object) -> Any:
+    """ONNX Runtime's ``OnnxModel`` with its symbolic shape inference off for good.
+
+    ``convert_float_to_float16`` re-initialises the model with the converted graph, which turns
+    that inference back on for the Cast clean-up. It needs sympy, which the ``engine-tools``
+    extra leaves out (ONNX Runtime 1.32 raises ImportError there), and fails on an in-graph NMS
+    anyway, where the clean-up falls back to the types ONNX's own inference gave. Without it
+    the FP16 files are byte-identical (sha256) on all 19 exported test models, and made 1.2-12x
+    faster (0.3-1.7 s instead of 0.7-7.7 s each on the loaded 2-core development box).
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    class WithoutSymbolicShapes(OnnxModel):  # type: ignore[misc]
+        def initialize(self, model: Any) -> None:
+            super().initialize(model)
+            self.disable_shape_inference()
+
+    return WithoutSymbolicShapes(model)
+
+
 def convert_fp16(src: Path, dst: Path) -> Fp16Report:
     """Write an FP16 version of the FP32 ONNX ``src`` to ``dst``; see the module docstring."""
     import onnx
     from onnx import TensorProto, numpy_helper
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -128,10 +148,8 @@ def convert_fp16(src: Path, dst: Path) -> Fp16Report:
                 over_range[t.name] = n
     casts_before = sum(n.op_type == "Cast" for n in graph.node)
 
-    converted = OnnxModel(model)
-    # The Cast clean-up tries ONNX Runtime's symbolic shape inference and prints to stdout
-    # where it fails (on an in-graph NMS), then uses the types ONNX's own inference gave; the
-    # tool's stdout is its summary, so that line goes.
+    converted = _without_symbolic_shapes(model)
+    # The tool's stdout is its summary: whatever the converter prints goes.
     with contextlib.redirect_stdout(io.StringIO()):
         # ONNX shape inference, not the symbolic one: these graphs hold only standard ops.
         converted.convert_float_to_float16(use_symbolic_shape_infer=False, keep_io_types=True,
