@@ -173,6 +173,9 @@ def uint8_stage(ctx: ExportContext) -> None:
     if ctx.model_path is None:
         raise RuntimeError("the uint8 stage needs a model")
     src = ctx.model_path
+    if ctx.manifest is not None and ctx.manifest.input_contract().raw:
+        raise ExportInputError(f"{src.name}: already takes {RAW_UINT8.describe()} pixels (--input uint8 "
+                               f"applies to float models)")
     dst = ctx.workdir / "model-uint8.onnx"
     try:
         wrap_uint8(src, dst)
