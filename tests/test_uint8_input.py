@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from streamd.backends import open_backend
+from streamd.backends.tensorrt.probe import tensorrt_version
 from streamd.backends.tensorrt.profiles import (
     BatchProfile,
     HwProfile,
@@ -257,6 +258,12 @@ def test_onnx_to_uint8_runs_without_torch(float_model: Path, tmp_path: Path) -> 
     again = export_without_torch(str(out / "fall-u8.onnx"), "--input", "uint8", "--out-dir", str(out),
                                  cwd=tmp_path)
     assert again.returncode == 2 and "fall-u8.onnx: already takes uint8 NHWC BGR pixels" in again.stderr
+    if tensorrt_version() is None:
+        # --engine as well: the uint8 model installed first, then the step TensorRT would do, named.
+        engine = export_without_torch(str(onnx), "--input", "uint8", "--engine", "--out-dir",
+                                      str(tmp_path / "e"), cwd=tmp_path)
+        assert engine.returncode == 3 and "needs TensorRT, which is not installed" in engine.stderr
+        assert ModelManifest.read(tmp_path / "e" / "model-uint8.onnx").input_contract() == RAW_UINT8
 
 
 def _export(pt: Path, out_dir: Path, *args: str) -> tuple[int, str, str]:

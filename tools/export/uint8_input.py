@@ -9,14 +9,17 @@ step into the graph instead: four nodes in front of the float model, built with
     images uint8 (N, H, W, 3) BGR -> Cast float32 -> Transpose (0, 3, 1, 2) -> Gather [2, 1, 0]
     on the channel axis (BGR -> RGB) -> Mul float32(1/255) -> the float model's input
 
-The Cast comes first because TensorRT takes a uint8 network input only into a Cast. The
+The Cast comes first because TensorRT runs no layer on a uint8 tensor but the cast to float
+(its Identity layer's documented conversions: uint8 -> float32 | float16). The
 arithmetic is the host's (``BatchBuffer.fill``: float32(byte) * float32(1/255)), so the float
 model sees bit for bit the tensor it saw before. The batch, height and width axes keep the
 float model's dims, fixed or dynamic.
 
 It runs after every stage that changes the float model: an FP16 model's input stays float32
 (its own first Cast to FP16 follows these nodes, so the scaling runs in FP32, as on the host,
-and the detections the agreement stage accepted are the ones this model gives); an INT8
+and the detections the agreement stage accepted are the ones this model gives; scaling in
+FP16 instead would give 10 of the 256 byte values another FP16 input, 1 unit in the last
+place, so the FP16 model would no longer see what it was checked on); an INT8
 model was calibrated and compared on exactly the float tensors these nodes make from the
 same letterboxed pictures. The stage then runs the float and the uint8 model on the same
 letterboxed pictures and refuses to install one whose outputs differ.
@@ -36,7 +39,6 @@ from streamd.manifest import RAW_UINT8, ModelManifest, sha256_file
 from .output import utc_now
 from .stages import ExportContext, ExportInputError, register
 
-INPUTS = ("float", "uint8")
 PREFIX = "streamd_uint8/"          # names of the added nodes and tensors
 FLOAT_INPUT_PREFIX = "streamd_float/"
 # A uint8 model's outputs may differ from its float model's by this much (relative to the
