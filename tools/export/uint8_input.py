@@ -137,12 +137,16 @@ def check_same_outputs(float_model: Path, uint8_model: Path, samples: list[np.nd
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
     ref, got = session(float_model), session(uint8_model)
+    ref_input = ref.get_inputs()[0]
+    # What the backend hands a float16-input model: the host's float32 tensor, cast.
+    ref_dtype = np.float16 if ref_input.type == "tensor(float16)" else np.float32
     worst = 0.0
-    for h, w in sizes:
-        frames = (samples * batch)[:batch]
+    for (h, w), start in ((size, k) for size in sizes for k in range(0, len(samples), batch)):
+        # ``batch`` pictures per run (a static-batch model takes exactly that many).
+        frames = [samples[(start + i) % len(samples)] for i in range(batch)]
         x_float, _ = letterbox_batch(frames, h, w)
         x_u8, _ = letterbox_batch(frames, h, w, RAW_UINT8)
-        y_ref = ref.run(None, {ref.get_inputs()[0].name: x_float})[0]
+        y_ref = ref.run(None, {ref_input.name: x_float.astype(ref_dtype, copy=False)})[0]
         y_got = got.run(None, {got.get_inputs()[0].name: x_u8})[0]
         if y_ref.shape != y_got.shape:
             raise ExportError(f"{uint8_model.name}: output shape {y_got.shape} at {h}x{w}, the float model's "
@@ -152,12 +156,14 @@ def check_same_outputs(float_model: Path, uint8_model: Path, samples: list[np.nd
     return worst
 
 
-def _check_pictures(ctx: ExportContext, imgsz: tuple[int, int], stride: int,
+def _check_pictures(imgsz: tuple[int, int], stride: int,
                     dynamic_hw: bool) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Ultralytics' sample pictures (or, without them, noise) and the sizes to run them at:
+    the model's, and for one that takes any H x W the verify stage's second size too."""
+    import cv2
+
     from .output import verify_size
     from .samples import sample_paths
-
-    import cv2
 
     pictures = [img for img in (cv2.imread(str(p)) for p in sample_paths()) if img is not None]
     if not pictures:
@@ -191,7 +197,7 @@ def uint8_stage(ctx: ExportContext) -> None:
         imgsz, stride, dynamic_hw, batch = adopted.imgsz, adopted.stride, adopted.dynamic_hw, adopted.batch_min
     else:
         imgsz, stride, dynamic_hw, batch = req.imgsz, ctx.stride, req.dynamic_hw, req.batch_min
-    pictures, sizes = _check_pictures(ctx, imgsz, stride, dynamic_hw)
+    pictures, sizes = _check_pictures(imgsz, stride, dynamic_hw)
     worst = check_same_outputs(src, dst, pictures, batch, sizes)
     if worst > MAX_RELATIVE_DIFF:
         raise ExportError(f"{req.model_name}: verification failed: the uint8-input model's output differs from "
