@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .base import Backend, ModelInfo, open_each
 
 log = logging.getLogger("streamd.backend.pool")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from streamd.errors import ExportError
-from streamd.manifest import RAW_UINT8, ModelManifest, sha256_file
+from streamd.manifest import RAW_UINT8, sha256_file
 
 from .output import utc_now
 from .stages import ExportContext, ExportInputError, register
