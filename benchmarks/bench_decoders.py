@@ -10,6 +10,15 @@ share of one core a 25 frames/s camera costs. A third row decodes the clip with 
 nothing: the most any software decoder could save is the gap between it and the first row.
 
     .venv/bin/python benchmarks/bench_decoders.py [--seconds 8] [--record]
+
+``--preprocess`` measures the next step instead, on the host: letterboxing a batch of 4 decoded
+1080p frames for the model, into the 640x384 input of the default export (any H x W) and the
+640x640 of ``--fixed-size``. The float path (``BatchBuffer.fill`` for a float model: resize into
+the uint8 staging buffer, then one pass to float32 NCHW RGB / 255) against the uint8 path (a
+model exported with ``--input uint8``: the staging buffer is the batch), in CPU ms per batch and
+the bytes per batch handed to the backend (with TensorRT: uploaded to the GPU).
+
+    .venv/bin/python benchmarks/bench_decoders.py --preprocess [--batches 200] [--record]
 """
 
 from __future__ import annotations
@@ -91,12 +100,54 @@ def run_decode_only(clip: Path) -> tuple[int, float, float]:
     return n, cpu_now() - cpu0, time.monotonic() - t0
 
 
+def run_preprocess(batches: int) -> list[str]:
+    """CPU ms per batch of 4 x 1080p letterboxed, float path vs uint8 path; table rows."""
+    import numpy as np
+
+    from streamd.manifest import FLOAT_INPUT, RAW_UINT8
+    from streamd.pipeline.preprocess import BatchBuffer
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (1080, 1920, 3), np.uint8) for _ in range(4)]
+    rows = []
+    for net in ((384, 640), (640, 640)):
+        for name, contract in (("float32 NCHW RGB (host /255 pass)", FLOAT_INPUT),
+                               ("uint8 NHWC BGR (--input uint8)", RAW_UINT8)):
+            buf = BatchBuffer(4, *net, fit=FIT, contract=contract)
+            buf.fill(frames)                    # first touch of the buffers, not counted
+            cpu0, t0 = time.process_time(), time.monotonic()
+            for _ in range(batches):
+                x, _ = buf.fill(frames)
+            cpu = (time.process_time() - cpu0) / batches * 1000
+            wall = (time.monotonic() - t0) / batches * 1000
+            rows.append((f"{net[1]}x{net[0]}", name, cpu, wall, x.nbytes))
+    lines = []
+    for i, (size, name, cpu, wall, nbytes) in enumerate(rows):
+        ref = rows[i - i % 2]
+        vs = "ref" if i % 2 == 0 else f"{(cpu / ref[2] - 1) * 100:+.0f}% CPU, {nbytes / ref[4]:.2f}x bytes"
+        lines.append(f"| {datetime.date.today().isoformat()} | {size} | {name} | {cpu:.2f} | {wall:.2f} | "
+                     f"{nbytes / 1e6:.2f} MB | {vs} |")
+    print("| date | input | batch handed to the backend | CPU ms/batch | wall ms/batch | bytes/batch | vs float |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8, help="clip length (25 frames/s)")
     ap.add_argument("--record", action="store_true", help="append the table row to benchmarks/RESULTS.md")
+    ap.add_argument("--preprocess", action="store_true",
+                    help="letterbox 4 x 1080p into a batch instead: float path vs uint8 path")
+    ap.add_argument("--batches", type=int, default=200, help="with --preprocess: batches timed per case")
     args = ap.parse_args()
     cv2.setNumThreads(1)
+    if args.preprocess:
+        lines = run_preprocess(args.batches)
+        if args.record:
+            with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return 0
     clip = make_clip(args.seconds)
     rows = []
     for name, fn in (("OpenCV in process + resize", run_opencv), ("FFmpeg child, scaled in decoder", run_child),

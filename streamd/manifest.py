@@ -28,6 +28,63 @@ LAYOUTS = (LAYOUT_RAW, LAYOUT_END2END)
 # was trained on, so preprocessing and the backends that pad a short batch agree on it.
 PAD_VALUE = 114
 
+# What a model's image input takes. The classic export takes the letterboxed batch as float
+# (N, 3, H, W) RGB scaled to [0, 1], made on the host; the uint8 export takes the letterbox's
+# own bytes, (N, H, W, 3) BGR, and scales and reorders them inside its graph, so the host (or
+# the upload to a GPU) moves 1 byte per pixel instead of 4.
+LAYOUT_NCHW, LAYOUT_NHWC = "nchw", "nhwc"
+CHANNELS_RGB, CHANNELS_BGR = "rgb", "bgr"
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """The element type, axis order and channel order of a model's image input."""
+
+    dtype: str = "float32"           # "float32" | "float16" | "uint8"
+    layout: str = LAYOUT_NCHW
+    channels: str = CHANNELS_RGB
+
+    @property
+    def raw(self) -> bool:
+        """The letterboxed uint8 BGR pixels as they are: normalised inside the model."""
+        return self.dtype == "uint8"
+
+    def shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        return (n, h, w, 3) if self.layout == LAYOUT_NHWC else (n, 3, h, w)
+
+    def shape_text(self, n: object, h: object, w: object) -> str:
+        """The shape in words for messages, e.g. ``(n, 3, h, w)``."""
+        dims = (n, h, w, 3) if self.layout == LAYOUT_NHWC else (n, 3, h, w)
+        return f"({', '.join(str(d) for d in dims)})"
+
+    def hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(H, W) of an input of ``shape`` (4 axes in this contract's layout)."""
+        return (int(shape[1]), int(shape[2])) if self.layout == LAYOUT_NHWC else (int(shape[2]), int(shape[3]))
+
+    def describe(self) -> str:
+        return f"{self.dtype} {self.layout.upper()} {self.channels.upper()}"
+
+    def check(self, where: str = "model") -> None:
+        """Only the two contracts streamd feeds are accepted; anything else is named."""
+        float_rgb = (self.dtype in ("float32", "float16") and self.layout == LAYOUT_NCHW
+                     and self.channels == CHANNELS_RGB)
+        if not float_rgb and self != RAW_UINT8:
+            raise ManifestError(f"{where}: input {self.describe()} is not one streamd feeds (float32 or "
+                                f"float16 NCHW RGB scaled to [0, 1], or uint8 NHWC BGR)")
+
+
+FLOAT_INPUT = InputContract()
+RAW_UINT8 = InputContract("uint8", LAYOUT_NHWC, CHANNELS_BGR)
+
+
+def contract_from_graph(dtype: str, shape: tuple[int | None, ...]) -> InputContract:
+    """The contract of a model without a manifest, read from its graph: a uint8 input whose
+    last axis is 3 takes the letterbox's bytes (NHWC BGR); anything else is the float one."""
+    if dtype == "uint8" and len(shape) == 4 and shape[3] == 3:
+        return RAW_UINT8
+    return InputContract(dtype)
+
+
 # The backends each INT8 flavour is made for. The two Q/DQ forms are fast on different
 # runtimes (on the development box's EPYC, at 320: the symmetric one runs on TensorRT and
 # fast on OpenVINO but at under FP32's speed on ONNX Runtime's CPU; uint8 activations run
@@ -76,6 +133,10 @@ class ModelManifest:
     precision: str = "fp32"              # "fp32" | "fp16" | "int8"
     input_name: str = "images"
     input_dtype: str = "float32"
+    # The input's axis order and channel order (see InputContract); absent in manifests
+    # written before uint8 inputs existed, which all took float NCHW RGB.
+    input_layout: str = LAYOUT_NCHW
+    input_channels: str = CHANNELS_RGB
     output_names: list[str] = field(default_factory=lambda: ["output0"])
     opset: int | None = None
     nms: dict[str, Any] | None = None    # for end2end: {"iou": .., "conf": .., "max_det": ..}
@@ -144,8 +205,12 @@ class ModelManifest:
                                 f"must be multiples of its stride {self.stride}")
         if not self.class_names:
             raise ManifestError(f"{where}: class_names is empty")
+        self.input_contract().check(f"{where}: input_dtype/input_layout/input_channels")
         if not isinstance(self.backends, list) or not all(isinstance(b, str) and b for b in self.backends):
             raise ManifestError(f"{where}: backends must be a list of backend names, got {self.backends!r}")
+
+    def input_contract(self) -> InputContract:
+        return InputContract(self.input_dtype, self.input_layout, self.input_channels)
 
     def meant_for(self) -> tuple[str, ...]:
         """The backends this file is meant for; () for any. An INT8 manifest written before

@@ -1,7 +1,9 @@
 """The contract every inference backend honours (ONNX Runtime today, TensorRT next).
 
 A backend loads one model file, checks it against its manifest, warms up, and then runs
-``infer(batch)`` on a (n, 3, H, W) float batch, returning the model's single output array
+``infer(batch)`` on a batch in the model's input contract (``ModelInfo.input_contract``): a
+(n, 3, H, W) float RGB batch scaled to [0, 1], or for a model exported with ``--input uint8``
+the letterbox's own (n, H, W, 3) uint8 BGR bytes. It returns the model's single output array
 for those n images. It knows nothing of cameras.
 
 A fixed-size model takes exactly its ``input_hw``. A ``dynamic_hw`` model takes any H, W
@@ -20,6 +22,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ..errors import BackendError
+from ..manifest import FLOAT_INPUT, LAYOUT_NHWC, InputContract
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,20 @@ class ModelInfo:
     # The score threshold baked into a graph with NMS inside (from its manifest): no box
     # below it ever comes out. None: a raw head, or a graph that does not say.
     nms_conf: float | None = None
+    # What the input takes (dtype, axis and channel order); input_dtype is its numpy dtype.
+    input_contract: InputContract = FLOAT_INPUT
+
+    def blank_input(self, n: int, hw: tuple[int, int] | None = None) -> np.ndarray:
+        """``n`` black images at ``hw`` (default: the largest input) in the input's contract."""
+        h, w = hw or self.input_hw
+        return np.zeros(self.input_contract.shape(n, h, w), self.input_dtype)
 
     def describe(self) -> str:
         h, w = self.input_hw
         size = f"any HxW up to {w}x{h} (stride {self.stride})" if self.dynamic_hw else f"{w}x{h}"
+        takes = ", takes uint8 NHWC BGR" if self.input_contract.raw else ""
         return (f"{self.path.name} ({len(self.names)} classes, {size}, batch "
-                f"{self.batch_min}-{self.batch_max}, {self.output_layout}, {self.precision})")
+                f"{self.batch_min}-{self.batch_max}, {self.output_layout}, {self.precision}{takes})")
 
     def accepts_hw(self, h: int, w: int) -> bool:
         """Whether an input of ``h`` x ``w`` pixels fits the model."""
@@ -93,24 +104,29 @@ class Backend(abc.ABC):
     def check_batch(self, batch: np.ndarray) -> None:
         """Refuse a batch the model cannot take, saying expected vs got."""
         info = self.info
+        c = info.input_contract
         h, w = info.input_hw
+        channels_ok = batch.ndim == 4 and batch.shape[3 if c.layout == LAYOUT_NHWC else 1] == 3
         if info.dynamic_hw:
-            if batch.ndim != 4 or batch.shape[1] != 3 or not info.accepts_hw(*batch.shape[2:]):
+            if not channels_ok or not info.accepts_hw(*c.hw(batch.shape)):
                 raise BackendError(
-                    f"{info.path.name}: input {info.input_name!r} expects shape (n, 3, h, w) with "
-                    f"h <= {h} and w <= {w}, both multiples of the stride {info.stride}; got "
+                    f"{info.path.name}: input {info.input_name!r} expects shape {c.shape_text('n', 'h', 'w')} "
+                    f"with h <= {h} and w <= {w}, both multiples of the stride {info.stride}; got "
                     f"{tuple(batch.shape)}")
-        elif batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+        elif not channels_ok or c.hw(batch.shape) != (h, w):
             raise BackendError(f"{info.path.name}: input {info.input_name!r} expects shape "
-                               f"(n, 3, {h}, {w}), got {tuple(batch.shape)}")
+                               f"{c.shape_text('n', h, w)}, got {tuple(batch.shape)}")
+        if c.raw and batch.dtype != np.uint8:
+            # Cast to uint8, a float batch in [0, 1] would be black: refuse it instead.
+            raise BackendError(f"{info.path.name}: input {info.input_name!r} takes the letterbox's "
+                               f"uint8 bytes ({c.describe()}), got {batch.dtype}")
         if not 1 <= batch.shape[0] <= info.batch_max:
             raise BackendError(f"{info.path.name}: batch of {batch.shape[0]} is outside the "
                                f"model's range 1-{info.batch_max}")
 
     def warmup(self, runs: int = 1) -> None:
         """First runs allocate and tune; do them before cameras start counting latency."""
-        h, w = self.info.input_hw
-        dummy = np.zeros((self.info.batch_max, 3, h, w), np.float32)
+        dummy = self.info.blank_input(self.info.batch_max)
         for _ in range(runs):
             self.infer(dummy)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ManifestError, ModelError
-from ..manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, sidecar_path
+from ..manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, contract_from_graph, sidecar_path
 from .base import ModelInfo
 
 
@@ -59,12 +59,21 @@ def parse_names(text: str) -> dict[int, str]:
 def model_info(path: Path, manifest: ModelManifest | None, g: GraphIO) -> ModelInfo:
     """The model's facts from its manifest (or, without one, the ONNX metadata Ultralytics
     writes), cross-checked against the graph."""
+    if g.input_dtype is None:
+        raise ModelError(f"{path}: input type {g.input_type} is not supported (float, float16, or uint8 "
+                         f"pixels from streamd-export --input uint8)")
+    graph_contract = contract_from_graph(g.input_dtype.name, g.input_shape)
+    contract = manifest.input_contract() if manifest is not None else graph_contract
+    if contract.raw != graph_contract.raw:
+        raise ManifestError(f"{path}: manifest says input {contract.describe()}, but the graph's input "
+                            f"{g.input_name!r} is {g.input_type} {g.shape_text}")
+    # Axes in (batch, 3, height, width) order whatever the layout, for the checks below.
     shape = g.input_shape
     if len(shape) != 4:
         raise ModelError(f"{path}: input {g.input_name!r} has shape {g.shape_text}, "
-                         f"expected (batch, 3, height, width)")
-    if g.input_dtype is None:
-        raise ModelError(f"{path}: input type {g.input_type} is not supported (float or float16)")
+                         f"expected {contract.shape_text('batch', 'height', 'width')}")
+    if contract.raw:
+        shape = (shape[0], shape[3], shape[1], shape[2])
     fixed_batch = shape[0]
     graph_any_hw = shape[2] is None and shape[3] is None
     if manifest is not None:
@@ -126,7 +135,8 @@ def model_info(path: Path, manifest: ModelManifest | None, g: GraphIO) -> ModelI
                      input_dtype=np.dtype(g.input_dtype), batch_min=bmin, batch_max=bmax,
                      output_layout=layout, precision=precision, sha256=sha, source=source,
                      dynamic_hw=dynamic_hw, stride=stride,
-                     nms_conf=manifest.nms_conf() if manifest is not None else None)
+                     nms_conf=manifest.nms_conf() if manifest is not None else None,
+                     input_contract=contract)
 
 
 def pad_to_fixed_batch(batch: np.ndarray, fixed_batch: int | None) -> np.ndarray:

@@ -15,7 +15,7 @@ from .onnx_model import GraphIO, first_line, model_info, pad_to_fixed_batch, rea
 
 log = logging.getLogger("streamd.backend.onnxruntime")
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
 class OnnxRuntimeBackend(Backend):

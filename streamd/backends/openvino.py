@@ -132,7 +132,7 @@ class _Compiled:
         except Exception as exc:   # OpenVINO raises RuntimeError with its parser's words
             raise ModelError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
         inp, out = model.inputs[0], model.outputs[0]
-        dtypes = {ov.Type.f32: np.float32, ov.Type.f16: np.float16}
+        dtypes = {ov.Type.f32: np.float32, ov.Type.f16: np.float16, ov.Type.u8: np.uint8}
         dtype = dtypes.get(inp.get_element_type())
         pshape = inp.get_partial_shape()
         info = model_info(path, manifest, GraphIO(
@@ -144,7 +144,7 @@ class _Compiled:
         if self.device == "NPU":
             # The NPU compiles static shapes only: one image at the model's full size.
             h, w = info.input_hw
-            model.reshape([1, 3, h, w])
+            model.reshape(list(info.input_contract.shape(1, h, w)))
             info = replace(info, batch_min=1, batch_max=1, dynamic_hw=False)
             self.fixed_batch = 1
         self.info: ModelInfo = info

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .base import Backend, ModelInfo, open_each
 
 log = logging.getLogger("streamd.backend.pool")
@@ -74,8 +72,7 @@ def measure(backends: list[Backend], seconds: float, min_runs: int = 3) -> float
     each, for about ``seconds`` (and at least ``min_runs`` runs per backend). The first run
     of each backend allocates and is not counted."""
     info = backends[0].info
-    h, w = info.input_hw
-    x = np.zeros((1, 3, h, w), np.float32)
+    x = info.blank_input(1)
     counts = [0] * len(backends)
     start = threading.Barrier(len(backends) + 1)
     stop_at = [0.0]

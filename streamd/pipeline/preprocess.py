@@ -3,6 +3,10 @@
 Matches Ultralytics' ``LetterBox(auto=False)``: scale to fit, keep aspect, pad with grey
 114 centred, BGR -> RGB, HWC -> CHW, /255. The batch buffers are allocated once per
 scheduler and reused, so a 1080p frame costs one resize and one copy, not a fresh array.
+
+A model exported with ``--input uint8`` does the last three steps in its own first layers:
+its batch is the uint8 (n, H, W, 3) BGR staging buffer itself, handed over as a view, with no
+float tensor allocated or written (a quarter of the bytes, and one pass over them fewer).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import cv2
 import numpy as np
 
 # Defined with the model's input contract; still importable from here for letterbox users.
-from ..manifest import PAD_VALUE
+from ..manifest import FLOAT_INPUT, PAD_VALUE, InputContract
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +92,20 @@ def letterbox_geometry(width: int, height: int, net_h: int, net_w: int,
 
 
 class BatchBuffer:
-    """A reusable (max_batch, 3, H, W) input tensor plus its uint8 staging area."""
+    """A reusable uint8 (max_batch, H, W, 3) BGR staging area plus, for a model that takes
+    floats, its (max_batch, 3, H, W) input tensor."""
 
     def __init__(self, max_batch: int, net_h: int, net_w: int, dtype: np.dtype = np.float32,
-                 fit: tuple[int, int] | None = None) -> None:
+                 fit: tuple[int, int] | None = None, contract: InputContract = FLOAT_INPUT) -> None:
         self.net_h, self.net_w = net_h, net_w
         # The box frames are scaled to fit: the input itself, or for a stride-padded input
         # of a model that takes any H x W, the model's full size (see ``net_shape_for``).
         self.fit_h, self.fit_w = fit or (net_h, net_w)
+        self.contract = contract
         self._u8 = np.full((max_batch, net_h, net_w, 3), PAD_VALUE, np.uint8)
-        self.tensor = np.empty((max_batch, 3, net_h, net_w), dtype)
+        # A uint8-input model takes the staging area itself: no float tensor at all.
+        self.tensor: np.ndarray | None = (None if contract.raw else
+                                          np.empty((max_batch, 3, net_h, net_w), dtype))
 
     @property
     def max_batch(self) -> int:
@@ -129,6 +137,9 @@ class BatchBuffer:
             slot[lb.pad_y: lb.pad_y + new_h, lb.pad_x + new_w:].fill(PAD_VALUE)
             slot[lb.pad_y: lb.pad_y + new_h, lb.pad_x: lb.pad_x + new_w] = img
             boxes.append(lb)
+        if self.tensor is None:
+            # The model's graph reorders and scales (``--input uint8``): hand it the bytes.
+            return self._u8[:n], boxes
         # One vectorised pass for the whole batch: BGR->RGB, HWC->CHW, scale to [0, 1].
         src = self._u8[:n, :, :, ::-1].transpose(0, 3, 1, 2)
         out = self.tensor[:n]
@@ -136,8 +147,9 @@ class BatchBuffer:
         return out, boxes
 
 
-def letterbox_batch(images: list[np.ndarray], net_h: int, net_w: int) -> tuple[np.ndarray, list[Letterbox]]:
+def letterbox_batch(images: list[np.ndarray], net_h: int, net_w: int,
+                    contract: InputContract = FLOAT_INPUT) -> tuple[np.ndarray, list[Letterbox]]:
     """One-off convenience (tools, tests): allocate a buffer and fill it."""
-    buf = BatchBuffer(len(images), net_h, net_w)
+    buf = BatchBuffer(len(images), net_h, net_w, contract=contract)
     tensor, boxes = buf.fill(images)
     return tensor.copy(), boxes

@@ -253,7 +253,8 @@ class Pipeline:
             if len(w.buffers) >= _MAX_SHAPES:
                 w.buffers.pop(next(iter(w.buffers)))
             fit = self.info.input_hw if self._dynamic_hw else None
-            buf = w.buffers[shape] = BatchBuffer(self.max_batch, shape[0], shape[1], fit=fit)
+            buf = w.buffers[shape] = BatchBuffer(self.max_batch, shape[0], shape[1], fit=fit,
+                                                 contract=self.info.input_contract)
         return buf
 
     def _worker_loop(self, w: _WorkerState, stop: threading.Event) -> None:

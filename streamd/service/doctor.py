@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..manifest import FLOAT_INPUT, InputContract
+
 OK, MISSING, FAIL = "ok", "missing", "FAIL"
 TINY_HW = (64, 64)
 TINY_CLASSES = 2
@@ -121,8 +123,9 @@ def tiny_onnx(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def sample_batch(hw: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """One letterboxed real picture (Ultralytics' bus.jpg) or, without it, a gradient."""
+def sample_batch(hw: tuple[int, int], contract: InputContract = FLOAT_INPUT) -> tuple[np.ndarray, str]:
+    """One letterboxed real picture (Ultralytics' bus.jpg) or, without it, a gradient, as a
+    model of input ``contract`` takes it."""
     import cv2
 
     from ..pipeline.preprocess import letterbox_batch
@@ -131,11 +134,11 @@ def sample_batch(hw: tuple[int, int]) -> tuple[np.ndarray, str]:
     if spec is not None and spec.origin is not None:
         img = cv2.imread(str(Path(spec.origin).parent / "assets" / "bus.jpg"))
         if img is not None:
-            return letterbox_batch([img], *hw)[0], "bus.jpg"
+            return letterbox_batch([img], *hw, contract)[0], "bus.jpg"
     h, w = hw
     yy, xx = np.mgrid[0:h, 0:w]
     img = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
-    return letterbox_batch([img.astype(np.uint8)], h, w)[0], "a synthetic gradient"
+    return letterbox_batch([img.astype(np.uint8)], h, w, contract)[0], "a synthetic gradient"
 
 
 def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -176,13 +179,14 @@ def engine_selftest(model: Path | None, workdir: Path) -> Check:
         what = model.name
     profile = choose_profile(base.batch_min, base.batch_max)
     outcome = build_engine(onnx_path, precision=base.precision, profile=profile, input_name=base.input_name,
+                           layout=base.input_layout,
                            imgsz=base.imgsz, workspace_mb=256, timing_cache=None,
                            progress=lambda msg: None)
     engine_path = workdir / "selftest.engine"
     write_atomic(engine_path, outcome.plan)
     engine_manifest(base, engine_path, outcome, gpu=gpu.name, compute_capability=gpu.compute_capability,
                     onnx_file=onnx_path.name, onnx_sha256=sha256_file(onnx_path)).write(engine_path)
-    x, picture = sample_batch(base.imgsz)
+    x, picture = sample_batch(base.imgsz, base.input_contract())
     want = _ort_run(onnx_path, x)
     with TensorRTBackend(engine_path, warmup=True) as backend:
         got = backend.infer(x)
@@ -328,7 +332,7 @@ def onnx_model_check(model: Path) -> Check:
 
     try:
         with open_backend(model, "onnxruntime", device="cpu", warmup=False) as b:
-            x, picture = sample_batch(b.info.input_hw)
+            x, picture = sample_batch(b.info.input_hw, b.info.input_contract)
             y = b.infer(np.repeat(x, max(b.info.batch_min, 1), axis=0))
         return Check("model", OK, f"{b.info.describe()} runs on ONNX Runtime CPU ({picture}: output "
                                   f"{tuple(y.shape)})")

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="numeric precision; fp16/int8 are checked against fp32 before install "
                         "and named NAME-fp16 / NAME-int8 unless --name is given")
+    p.add_argument("--input", default="float", choices=("float", "uint8"),
+                   help="what the model takes: float (N x 3 x H x W RGB in [0, 1], made on the host; "
+                        "default) or uint8 (the letterboxed N x H x W x 3 BGR bytes as they are: the "
+                        "channel swap, transpose and /255 run as the graph's first nodes, so the daemon "
+                        "skips its float pass and a GPU gets 1 byte per pixel instead of 4); named "
+                        "NAME-uint8 unless --name is given; works with every precision and MODEL.onnx")
     add_precision_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the exporter's own log, and tracebacks on failure")
@@ -122,7 +128,7 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return ExportRequest(weights=args.weights, imgsz=imgsz, batch_min=bmin, batch_max=bmax,
                          dynamic_batch=dynamic, dynamic_hw=not args.fixed_size, opset=args.opset, simplify=args.simplify,
                          nms=args.nms, out_dir=args.out_dir, name=args.name,
-                         precision=args.precision, verbose=args.verbose, **nms_opts,
+                         precision=args.precision, input=args.input, verbose=args.verbose, **nms_opts,
                          imgsz_given=args.imgsz is not None, batch_given=args.batch is not None,
                          **precision_options(args))
 
@@ -145,6 +151,7 @@ def _summary(result: ExportResult) -> str:
         names += ", …"
     size = (f"any H x W up to {h} x {w} (multiples of {m.stride})" if m.dynamic_hw
             else f"{h} x {w}")
+    channels_size = f"{size} x 3" if m.input_contract().raw else f"3 x {size}"
     nms = ""
     if m.nms:
         nms = f" (conf {m.nms['conf']}, iou {m.nms['iou']}, max_det {m.nms['max_det']})"
@@ -154,7 +161,8 @@ def _summary(result: ExportResult) -> str:
         f"  classes: {len(m.class_names)} ({names})",
         # The input tensor's own type (verify checked it against the graph): an FP16 or
         # INT8 model still takes float32 pictures, its precision is how it computes inside.
-        f"  input:   {m.input_name} {m.input_dtype}, batch {batch} x 3 x {size}, opset {m.opset}",
+        f"  input:   {m.input_name} {m.input_contract().describe() if m.input_contract().raw else m.input_dtype}, batch {batch} x {channels_size}, "
+        f"opset {m.opset}",
         f"  compute: {_precision(m)}",
         f"  output:  {', '.join(m.output_names)}, layout {m.output_layout}{nms}",
     ]

@@ -114,6 +114,7 @@ def engine_stage(ctx: ExportContext) -> None:
     try:
         outcome = build_engine(onnx_path, precision=ctx.precision, profile=profile,
                                input_name=onnx_manifest.input_name, imgsz=onnx_manifest.imgsz,
+                               layout=onnx_manifest.input_layout,
                                workspace_mb=req.workspace_mb, timing_cache=cache,
                                progress=lambda msg: progress(f"tensorrt: {msg}"),
                                hw_profile=hw, stride=onnx_manifest.stride)

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from streamd.errors import ManifestError
-from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, sha256_file, sidecar_path
+from streamd.manifest import (
+    LAYOUT_END2END,
+    LAYOUT_RAW,
+    ModelManifest,
+    contract_from_graph,
+    sha256_file,
+    sidecar_path,
+)
 
 from .output import utc_now
 from .stages import ExportContext, ExportInputError, register
@@ -80,6 +87,9 @@ def derive_manifest(path: Path, facts: OnnxFacts, *, imgsz: tuple[int, int] | No
     ``imgsz`` / ``batch`` (the CLI's --imgsz / --batch) fill what neither records."""
     where = path.name
     ins, out = facts.input_dims, facts.output_dims
+    contract = contract_from_graph(facts.input_dtype, tuple(ins))
+    if contract.raw:                 # (batch, height, width, 3): checked below as NCHW
+        ins = [ins[0], ins[3], ins[1], ins[2]]
     if len(ins) != 4 or ins[1] not in (3, None):
         raise ExportInputError(f"{where}: input {facts.input_name} is {ins}, expected (batch, 3, height, width)")
     if len(out) != 3:
@@ -121,7 +131,8 @@ def derive_manifest(path: Path, facts: OnnxFacts, *, imgsz: tuple[int, int] | No
         imgsz=imgsz, batch_min=batch[0], batch_max=batch[1],
         output_layout=LAYOUT_END2END if end2end else LAYOUT_RAW,
         stride=int(stride) if isinstance(stride, int) else 32, dynamic_hw=dynamic_hw,
-        input_name=facts.input_name, input_dtype=facts.input_dtype, output_names=list(facts.output_names),
+        input_name=facts.input_name, input_dtype=facts.input_dtype, input_layout=contract.layout,
+        input_channels=contract.channels, output_names=list(facts.output_names),
         opset=facts.opset, nms={"max_det": out[1]} if end2end and out[1] else None,
         source={"onnx": path.name, "metadata": "ultralytics" if "names" in meta else "graph only"},
         build={"exporter": "adopted onnx"}, created=utc_now())
@@ -155,14 +166,18 @@ def adopt_stage(ctx: ExportContext) -> None:
     size_given = req.imgsz if req.imgsz_given else None
     batch_given = (req.batch_min, req.batch_max) if req.batch_given else None
     manifest, derived = onnx_manifest(src, imgsz=size_given, batch=batch_given)
+    if derived:
+        ctx.notes.append(f"manifest derived from the ONNX graph and its {manifest.source['metadata']} metadata")
+    if req.input == "uint8":
+        # The uint8 stage makes and installs the new file; the float one is only read.
+        ctx.manifest, ctx.model_path, ctx.precision = manifest, src, manifest.precision
+        return
     dest = req.out_dir / f"{req.name or src.stem}.onnx"
     req.out_dir.mkdir(parents=True, exist_ok=True)
     if dest.resolve() != src.resolve():
         shutil.copyfile(src, dest)
         ctx.notes.append(f"copied {src} to {dest}")
     manifest.model_file = dest.name
-    if derived:
-        ctx.notes.append(f"manifest derived from the ONNX graph and its {manifest.source['metadata']} metadata")
     ctx.manifest_path = manifest.write(dest)
     ctx.manifest, ctx.installed_path, ctx.model_path = manifest, dest, dest
     ctx.precision = manifest.precision

@@ -49,13 +49,12 @@ def expected_output_dims(ctx: ExportContext) -> list[int | None]:
 
 
 def expected_input_dims(ctx: ExportContext) -> list[int | None]:
-    """Input shape the manifest promises; None where the axis is dynamic."""
+    """Input shape the manifest promises, (N, 3, H, W) or for a uint8 input (N, H, W, 3);
+    None where the axis is dynamic."""
     req = ctx.request
-    h, w = req.imgsz
     batch: int | None = None if req.dynamic_batch else req.batch_max
-    if req.dynamic_hw:
-        return [batch, 3, None, None]
-    return [batch, 3, h, w]
+    h, w = (None, None) if req.dynamic_hw else req.imgsz
+    return [batch, h, w, 3] if ctx.input_contract.raw else [batch, 3, h, w]
 
 
 def check_opset(req_opset: int | None, nms: bool) -> None:

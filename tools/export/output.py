@@ -63,7 +63,9 @@ def manifest_stage(ctx: ExportContext) -> None:
         dynamic_hw=req.dynamic_hw,
         precision=ctx.precision,
         input_name=ctx.input_name,
-        input_dtype="float32",
+        input_dtype=ctx.input_contract.dtype,
+        input_layout=ctx.input_contract.layout,
+        input_channels=ctx.input_contract.channels,
         output_names=list(ctx.output_names),
         opset=ctx.opset,
         nms=nms,
@@ -107,9 +109,11 @@ def verify_stage(ctx: ExportContext) -> None:
     inp = inputs[0]
     h, w = m.imgsz
     want_in = expected_input_dims(ctx)
-    if inp.name != m.input_name or _declared(list(inp.shape)) != want_in or inp.type != "tensor(float)":
+    contract = m.input_contract()
+    want_type = f"tensor({'uint8' if contract.raw else 'float'})"
+    if inp.name != m.input_name or _declared(list(inp.shape)) != want_in or inp.type != want_type:
         raise fail(f"input is {inp.name} {inp.shape} {inp.type}, the manifest says "
-                   f"{m.input_name} {want_in} tensor(float)")
+                   f"{m.input_name} {want_in} {want_type}")
     names = [o.name for o in outputs]
     if names != m.output_names:
         raise fail(f"outputs are {names}, the manifest says {m.output_names}")
@@ -127,7 +131,8 @@ def verify_stage(ctx: ExportContext) -> None:
     rng = np.random.default_rng(0)
     for size in sizes:
         # A fixed pseudo-image rather than zeros: it exercises the score and NMS paths too.
-        x = rng.random((n, 3, *size), dtype=np.float32)
+        x = (rng.integers(0, 256, contract.shape(n, *size), dtype=np.uint8) if contract.raw
+             else rng.random(contract.shape(n, *size), dtype=np.float32))
         try:
             y = sess.run([names[0]], {inp.name: x})[0]
         except Exception as exc:

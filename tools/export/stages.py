@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from streamd.errors import ExportError
-from streamd.manifest import ModelManifest
+from streamd.manifest import FLOAT_INPUT, InputContract, ModelManifest
 from streamd.thresholds import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# What the model's input takes: "float", (N, 3, H, W) RGB in [0, 1] made on the host, or
+# "uint8", the letterbox's (N, H, W, 3) BGR bytes, scaled and reordered in the graph.
+INPUTS = ("float", "uint8")
 DEFAULT_IMGSZ = 640
 
 
@@ -60,6 +63,7 @@ class ExportRequest:
     out_dir: Path = Path("engines")
     name: str | None = None
     precision: str = "fp32"
+    input: str = "float"          # one of INPUTS (--input)
     verbose: bool = False         # show Ultralytics' own log and warnings
     # FP16/INT8 and TensorRT (fp16_stage, int8_stage, verify_stage, engine_stage).
     engine: bool = False                       # also build a TensorRT engine
@@ -93,6 +97,8 @@ class ExportRequest:
             raise ExportInputError("a static batch has one size (batch_min == batch_max)")
         if self.precision not in PRECISIONS:
             raise ExportInputError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.input not in INPUTS:
+            raise ExportInputError(f"--input {self.input!r}: choose one of {', '.join(INPUTS)}")
         if not 0.0 <= self.conf < 1.0:
             raise ExportInputError(f"--conf {self.conf}: must be in [0, 1)")
         if not 0.0 < self.iou <= 1.0:
@@ -125,11 +131,11 @@ INT8_FLAVOURS = ("tensorrt", "cpu")
 
 
 def precision_suffix(req: ExportRequest) -> str:
-    if req.precision == "fp32":
-        return ""
+    """``-fp16``, ``-int8``, ``-int8-cpu`` or nothing; ``-uint8`` appended for ``--input uint8``."""
+    suffix = "" if req.precision == "fp32" else f"-{req.precision}"
     if req.precision == "int8" and req.int8_flavour == "cpu":
-        return "-int8-cpu"
-    return f"-{req.precision}"
+        suffix = "-int8-cpu"
+    return suffix + ("-uint8" if req.input == "uint8" else "")
 
 
 def check_precision_options(req: ExportRequest) -> None:
@@ -192,6 +198,7 @@ class ExportContext:
     opset: int | None = None
     input_name: str = "images"
     output_names: list[str] = field(default_factory=list)
+    input_contract: InputContract = FLOAT_INPUT      # "uint8" makes it RAW_UINT8
     # Filled by "manifest" and "install".
     manifest: ModelManifest | None = None
     installed_path: Path | None = None
@@ -232,6 +239,9 @@ PLANS: dict[str, tuple[str, ...]] = {
 }
 # An ONNX input is adopted, not exported: its own plan (torch-free), --engine appended as for the others.
 ONNX_PLAN: tuple[str, ...] = ("preflight", "adopt")
+# --input uint8: the stage that puts the input's scaling into the graph, after every stage
+# that changes the float model (and, for an adopted ONNX, the install of the new file).
+UINT8_STAGE = "uint8"
 # --engine appends this stage: the ONNX is installed first, so a machine without TensorRT
 # still gets the ONNX models and a precise message about the step it cannot do.
 ENGINE_STAGE = "engine"
@@ -259,6 +269,7 @@ def _ensure_registered() -> None:
         onnx_stage,
         output,
         preflight,
+        uint8_input,
         verify_stage,
     )
 
@@ -275,6 +286,12 @@ def plan_for(request: ExportRequest) -> list[Stage]:
         raise ExportNotImplemented(
             f"--precision {request.precision} is not implemented yet in this version "
             f"(available: {done})")
+    if request.input == "uint8":
+        if request.from_onnx:
+            names = (*names, UINT8_STAGE, "install")
+        else:
+            at = names.index("manifest")
+            names = (*names[:at], UINT8_STAGE, *names[at:])
     if request.engine:
         names = (*names, ENGINE_STAGE)
     missing = [n for n in names if n not in _STAGES]

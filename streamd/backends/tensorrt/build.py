@@ -131,12 +131,14 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
                  imgsz: tuple[int, int], workspace_mb: int = DEFAULT_WORKSPACE_MB,
                  timing_cache: Path | None = None,
                  progress: Callable[[str], None] | None = None,
-                 hw_profile: HwProfile | None = None, stride: int = 32) -> BuildOutcome:
+                 hw_profile: HwProfile | None = None, stride: int = 32,
+                 layout: str = "nchw") -> BuildOutcome:
     """Build a serialized plan from an ONNX that already carries its precision (FP32, FP16
     with casts, or INT8 Q/DQ). Never uses calibrators: INT8 is explicit Q/DQ only.
 
     An ONNX that takes any H x W gets ``hw_profile`` (default: ``choose_hw_profile(imgsz,
-    stride)``) for its height and width; one of fixed size is built at ``imgsz``."""
+    stride)``) for its height and width; one of fixed size is built at ``imgsz``. ``layout``
+    is the input's axis order: "nhwc" for a model exported with ``--input uint8``."""
     say = progress or (lambda msg: log.info("%s", msg))
     trt = import_tensorrt()
     version = TrtVersion.parse(trt.__version__)
@@ -168,7 +170,7 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
         raise BackendError(f"{onnx_path.name}: network inputs are {names}, expected [{input_name!r}]")
     try:
         hw = hw_profile_for_network(tuple(network.get_input(0).shape), imgsz, stride, hw_profile,
-                                    name=f"{onnx_path.name}: input {input_name!r}")
+                                    name=f"{onnx_path.name}: input {input_name!r}", layout=layout)
     except ValueError as exc:
         raise BackendError(str(exc)) from None
 
@@ -190,7 +192,7 @@ def build_engine(onnx_path: Path, *, precision: str, profile: BatchProfile, inpu
                     if layer.get_output_type(k) in (trt.float16, trt.float32):
                         layer.set_output_type(k, trt.float32)
     opt_profile = builder.create_optimization_profile()
-    mn, opt, mx = profile_shapes(profile, hw, imgsz)
+    mn, opt, mx = profile_shapes(profile, hw, imgsz, layout)
     opt_profile.set_shape(input_name, mn, opt, mx)
     if config.add_optimization_profile(opt_profile) < 0:
         hw_text = f", H x W {hw.as_dict()}" if hw is not None else ""
@@ -265,7 +267,7 @@ def rebuild_engine(path: Path, manifest: ModelManifest, verdict: EngineVerdict,
                else choose_profile(manifest.batch_min, manifest.batch_max))
     hw = HwProfile.from_dict(build[BUILD_HW_PROFILE]) if BUILD_HW_PROFILE in build else None
     outcome = build_engine(onnx_path, precision=manifest.precision, profile=profile,
-                           input_name=manifest.input_name, imgsz=manifest.imgsz,
+                           input_name=manifest.input_name, imgsz=manifest.imgsz, layout=manifest.input_layout,
                            workspace_mb=int(build.get(BUILD_WORKSPACE_MB, DEFAULT_WORKSPACE_MB)),
                            timing_cache=path.parent / TIMING_CACHE_NAME,
                            hw_profile=hw, stride=manifest.stride)

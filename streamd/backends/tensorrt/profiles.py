@@ -146,31 +146,46 @@ def choose_hw_profile(imgsz: tuple[int, int], stride: int = 32) -> HwProfile:
     return HwProfile(mn, (h, w), (h, w), stride)
 
 
+def _hw_axes(layout: str) -> tuple[int, int]:
+    """Where H and W sit in an image input: NCHW (the float export) or NHWC (``--input uint8``)."""
+    return (1, 2) if layout == "nhwc" else (2, 3)
+
+
+def _image_shape(n: int, hw: Sequence[int], layout: str) -> tuple[int, ...]:
+    h, w = (int(v) for v in hw)
+    return (n, h, w, 3) if layout == "nhwc" else (n, 3, h, w)
+
+
 def hw_profile_from_shapes(min_shape: Sequence[int], opt_shape: Sequence[int],
-                           max_shape: Sequence[int], stride: int = 32) -> HwProfile:
+                           max_shape: Sequence[int], stride: int = 32, layout: str = "nchw") -> HwProfile:
     """The H x W profile of an engine input (``get_tensor_profile_shape``'s three shapes)."""
+    ah, aw = _hw_axes(layout)
+
     def hw(shape: Sequence[int]) -> tuple[int, int]:
-        return int(shape[2]), int(shape[3])
+        return int(shape[ah]), int(shape[aw])
     return HwProfile(hw(min_shape), hw(opt_shape), hw(max_shape), stride)
 
 
-def profile_shapes(batch: BatchProfile, hw: HwProfile | None,
-                   imgsz: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) NCHW input shapes for ``IOptimizationProfile.set_shape``: the batch
-    profile, with H x W fixed at ``imgsz`` or from ``hw`` for an engine that takes any H x W."""
-    if hw is None:
-        return batch.shapes((3, *imgsz))
-    return ((batch.min, 3, *hw.min), (batch.opt, 3, *hw.opt), (batch.max, 3, *hw.max))
+def profile_shapes(batch: BatchProfile, hw: HwProfile | None, imgsz: tuple[int, int],
+                   layout: str = "nchw") -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) input shapes (NCHW, or NHWC for a uint8 input) for
+    ``IOptimizationProfile.set_shape``: the batch profile, with H x W fixed at ``imgsz`` or
+    from ``hw`` for an engine that takes any H x W."""
+    sizes = (imgsz, imgsz, imgsz) if hw is None else (hw.min, hw.opt, hw.max)
+    return (_image_shape(batch.min, sizes[0], layout), _image_shape(batch.opt, sizes[1], layout),
+            _image_shape(batch.max, sizes[2], layout))
 
 
 def hw_profile_for_network(input_shape: Sequence[int], imgsz: tuple[int, int], stride: int = 32,
-                           requested: HwProfile | None = None, *, name: str = "input") -> HwProfile | None:
+                           requested: HwProfile | None = None, *, name: str = "input",
+                           layout: str = "nchw") -> HwProfile | None:
     """The H x W profile to build a network with: None for a network of fixed H x W, the
     ``requested`` one or :func:`choose_hw_profile`'s for one whose H and W are dynamic."""
     dims = [int(d) for d in input_shape]
     if len(dims) != 4:
-        raise ValueError(f"{name}: shape {tuple(dims)} is not (batch, 3, height, width)")
-    dyn_h, dyn_w = dims[2] < 0, dims[3] < 0
+        raise ValueError(f"{name}: shape {tuple(dims)} is not {_shape_words(layout)}")
+    ah, aw = _hw_axes(layout)
+    dyn_h, dyn_w = dims[ah] < 0, dims[aw] < 0
     if dyn_h != dyn_w:
         raise ValueError(f"{name}: shape {tuple(dims)} has one of height and width dynamic, the "
                          f"other fixed; export the model with both dynamic or --fixed-size")
@@ -178,7 +193,7 @@ def hw_profile_for_network(input_shape: Sequence[int], imgsz: tuple[int, int], s
         if requested is not None:
             raise ValueError(f"{name}: shape {tuple(dims)} has a fixed height and width; an H x W "
                              f"profile ({requested.as_dict()}) does not apply")
-        if (dims[2], dims[3]) != tuple(imgsz):
+        if (dims[ah], dims[aw]) != tuple(imgsz):
             raise ValueError(f"{name}: shape {tuple(dims)} is not of the manifest's size "
                              f"{imgsz[0]}x{imgsz[1]}")
         return None
@@ -325,11 +340,16 @@ def plan_buffers(tensors: Iterable[TensorSpec], batch_max: int,
     return out
 
 
+def _shape_words(layout: str) -> str:
+    return "(batch, height, width, 3)" if layout == "nhwc" else "(batch, 3, height, width)"
+
+
 def check_io(tensors: Sequence[TensorSpec], *, path: str | Path, input_name: str,
-             output_names: Sequence[str], imgsz: tuple[int, int], dynamic_hw: bool = False) -> None:
-    """The engine's I/O must be what its manifest promises: one NCHW image input, of H x W
-    ``imgsz`` or (``dynamic_hw``) dynamic H and W, and the outputs by name. Messages say
-    expected vs got."""
+             output_names: Sequence[str], imgsz: tuple[int, int], dynamic_hw: bool = False,
+             layout: str = "nchw") -> None:
+    """The engine's I/O must be what its manifest promises: one image input (NCHW, or NHWC
+    for a uint8 input), of H x W ``imgsz`` or (``dynamic_hw``) dynamic H and W, and the
+    outputs by name. Messages say expected vs got."""
     inputs = [t for t in tensors if t.is_input]
     outputs = [t for t in tensors if not t.is_input]
     if [t.name for t in inputs] != [input_name]:
@@ -337,14 +357,16 @@ def check_io(tensors: Sequence[TensorSpec], *, path: str | Path, input_name: str
                          f"the manifest says [{input_name!r}]")
     inp = inputs[0]
     h, w = imgsz
+    ah, aw = _hw_axes(layout)
+    ac = 3 if layout == "nhwc" else 1
     if dynamic_hw:
-        if len(inp.shape) != 4 or inp.shape[1] != 3 or inp.shape[2] >= 0 or inp.shape[3] >= 0:
+        if len(inp.shape) != 4 or inp.shape[ac] != 3 or inp.shape[ah] >= 0 or inp.shape[aw] >= 0:
             raise ValueError(f"{path}: input {inp.name!r} has shape {inp.shape}, expected "
-                             f"(batch, 3, -1, -1): the manifest says the model takes any H x W "
-                             f"up to {h}x{w}")
-    elif len(inp.shape) != 4 or tuple(inp.shape[1:]) != (3, h, w):
+                             f"(batch, {', '.join(map(str, _image_shape(-1, (-1, -1), layout)[1:]))}): the "
+                             f"manifest says the model takes any H x W up to {h}x{w}")
+    elif len(inp.shape) != 4 or tuple(inp.shape[1:]) != _image_shape(0, (h, w), layout)[1:]:
         raise ValueError(f"{path}: input {inp.name!r} has shape {inp.shape}, "
-                         f"expected (batch, 3, {h}, {w})")
+                         f"expected (batch, {', '.join(map(str, _image_shape(0, (h, w), layout)[1:]))})")
     got = sorted(t.name for t in outputs)
     if got != sorted(output_names):
         raise ValueError(f"{path}: engine outputs are {got}, the manifest says {sorted(output_names)}")

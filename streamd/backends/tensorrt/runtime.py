@@ -193,7 +193,7 @@ class TensorRTBackend(Backend):
         try:
             check_io(specs, path=self.path, input_name=manifest.input_name,
                      output_names=manifest.output_names, imgsz=manifest.imgsz,
-                     dynamic_hw=manifest.dynamic_hw)
+                     dynamic_hw=manifest.dynamic_hw, layout=manifest.input_layout)
         except ValueError as exc:
             raise ManifestError(str(exc)) from None
         self._input = next(s for s in specs if s.is_input)
@@ -209,7 +209,8 @@ class TensorRTBackend(Backend):
             self.profile = BatchProfile(batch_dim, batch_dim, batch_dim)
         if manifest.dynamic_hw and shapes is not None:
             try:
-                self.hw_profile = hw_profile_from_shapes(*shapes, stride=manifest.stride)
+                self.hw_profile = hw_profile_from_shapes(*shapes, stride=manifest.stride,
+                                                         layout=manifest.input_layout)
             except ValueError as exc:
                 raise ManifestError(f"{self.path}: the engine's H x W profile: {exc}") from None
             if self.hw_profile.max != manifest.imgsz:
@@ -228,7 +229,7 @@ class TensorRTBackend(Backend):
         if self.hw_profile is not None:
             # Outputs of an engine that takes any H x W have a dynamic anchor axis: size the
             # buffers from the shapes TensorRT reports at the largest batch and input.
-            biggest = (self.profile.max, 3, *self.hw_profile.max)
+            biggest = manifest.input_contract().shape(self.profile.max, *self.hw_profile.max)
             if not self._context.set_input_shape(self._input.name, biggest):
                 raise BackendError(f"{self.path.name}: input shape {biggest} refused"
                                    f"{last_error(self._logger)}")
@@ -253,7 +254,7 @@ class TensorRTBackend(Backend):
                               sha256=manifest.model_sha256,
                               source="manifest" if self.trusted_io is None else "trusted engine",
                               dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
-                              nms_conf=manifest.nms_conf())
+                              nms_conf=manifest.nms_conf(), input_contract=manifest.input_contract())
 
     def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
         cuda = self._cuda
@@ -298,21 +299,24 @@ class TensorRTBackend(Backend):
         cuda = self._cuda
         trt_ctx = self._context
         name_in = self._input.name
-        h, w = int(batch.shape[2]), int(batch.shape[3])
+        contract = self.info.input_contract
+        h, w = contract.hw(batch.shape)
         if self.hw_profile is not None:
             run_h, run_w = self.hw_profile.run_hw(h, w)     # check_batch made it valid
         else:
             run_h, run_w = h, w
-        shape = (rb.run, 3, run_h, run_w)
+        shape = contract.shape(rb.run, run_h, run_w)
         # The pinned buffer holds the largest input; a smaller one uses its first bytes as
-        # one contiguous (run, 3, H, W) array, which is what TensorRT reads.
+        # one contiguous (run, 3, H, W) array (run, H, W, 3 for a uint8 input), which is
+        # what TensorRT reads.
         host_in = _leading(slot.host_in, shape)
         with self._active():
             if (run_h, run_w) != (h, w):
                 # Below the engine's smallest H x W: grey at the bottom and right, like the
                 # letterbox's own padding.
-                host_in[:n].fill(PAD_VALUE / 255.0)
-            np.copyto(host_in[:n, :, :h, :w], batch, casting="same_kind")
+                host_in[:n].fill(PAD_VALUE if contract.raw else PAD_VALUE / 255.0)
+            region = host_in[:n, :h, :w] if contract.raw else host_in[:n, :, :h, :w]
+            np.copyto(region, batch, casting="same_kind")
             if rb.pad:
                 host_in[n:rb.run].fill(0)
             if not trt_ctx.set_input_shape(name_in, shape):
@@ -322,6 +326,9 @@ class TensorRTBackend(Backend):
                                    f"{hw_text}{last_error(self._logger)}")
             out_shapes: dict[str, tuple[int, ...]] = {}
             try:
+                # The one host-to-device copy of the batch. A model exported with --input uint8
+                # takes the letterbox's bytes as they are and scales them in its first layers,
+                # so this moves 1 byte per pixel instead of the 4 of a float32 input.
                 cuda.memcpy_htod_async(slot.dev_in, host_in, self._stream)
                 if not trt_ctx.set_tensor_address(name_in, int(slot.dev_in)):
                     raise BackendError(f"{self.path.name}: input address refused{last_error(self._logger)}")
