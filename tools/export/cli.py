@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", metavar="MODEL.pt", type=Path, nargs="?",
                    help="Ultralytics YOLOv8 detection checkpoint, or an ONNX of one (MODEL.onnx: taken as it "
-                        "is, with its manifest or one derived from the graph; no torch needed)")
+                        "is, with its manifest or one derived from the graph, or converted by --precision "
+                        "fp16/int8; no torch needed)")
     p.add_argument("--adopt-engine", type=Path, metavar="ENGINE",
                    help="write the manifest of an engine built elsewhere (trtexec) from the ONNX it was "
                         "built from (--onnx); needs TensorRT and the GPU it was built for")

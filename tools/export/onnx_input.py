@@ -8,16 +8,23 @@ shapes) and the metadata Ultralytics writes into its exports (class names, strid
 plain functions of the graph, tested on real exports. Only ``onnx`` and ``onnxruntime`` are
 used (the ``engine-tools`` extra); the TensorRT steps come last and fail naming TensorRT when it
 is missing, after everything that needs no GPU was done.
+
+``streamd-export MODEL.onnx --precision fp16|int8`` runs the precision's own stages (calibrate,
+fp16 / int8, agreement, manifest, verify, install) on the ONNX: the ``onnx-source`` stage here
+fills the context the way ``load`` and ``onnx`` fill it from a checkpoint, from the manifest or
+Ultralytics' metadata and the graph itself (the head's strides by ONNX's shape inference).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamd.backends.tensorrt.logic import head_prefix, is_decode_node
 from streamd.errors import ManifestError
 from streamd.manifest import (
     LAYOUT_END2END,
@@ -29,7 +36,8 @@ from streamd.manifest import (
 )
 
 from .output import utc_now
-from .stages import ExportContext, ExportInputError, register
+from .samples import sample_paths
+from .stages import INT8_NMS, ExportContext, ExportInputError, register
 
 _DTYPES = {1: "float32", 10: "float16", 2: "uint8"}
 
@@ -181,3 +189,116 @@ def adopt_stage(ctx: ExportContext) -> None:
     ctx.manifest_path = manifest.write(dest)
     ctx.manifest, ctx.installed_path, ctx.model_path = manifest, dest, dest
     ctx.precision = manifest.precision
+
+
+# Nodes that only a converted graph has: FP16 and INT8 are made from the FP32 model, and each is
+# checked against it, so an already converted ONNX cannot be a starting point.
+_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"})
+_FLOAT16 = 10          # onnx.TensorProto.FLOAT16
+
+
+def graph_precision(model: Any) -> str:
+    """``int8`` (Q/DQ or integer nodes), ``fp16`` (float16 weights) or ``fp32``."""
+    if any(n.op_type in _INT8_OPS for n in model.graph.node):
+        return "int8"
+    if any(t.data_type == _FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def strides_from_graph(model: Any, imgsz: tuple[int, int], batch: int) -> tuple[int, ...] | None:
+    """The Detect head's strides, read from the graph: the input's size over the size of each
+    level's feature map (the head's per-level branch convolutions), by ONNX's shape inference
+    with the input pinned to ``imgsz``. None when the graph has no such head, or its shapes
+    cannot be inferred."""
+    import onnx
+
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    initialisers = {i.name for i in pinned.graph.initializer}
+    image = next(i for i in pinned.graph.input if i.name not in initialisers)
+    for dim, value in zip(image.type.tensor_type.shape.dim, (batch, 3, *imgsz)):
+        dim.Clear()
+        dim.dim_value = value
+    try:
+        inferred = onnx.shape_inference.infer_shapes(pinned)
+    except Exception:  # onnx raises InferenceError and others: then there is nothing to read
+        return None
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    prefix = head_prefix(n.name for n in inferred.graph.node)
+    strides: set[int] = set()
+    for node in inferred.graph.node:
+        if node.op_type != "Conv" or not node.name.startswith(prefix) or is_decode_node(node.name, "Conv", prefix):
+            continue
+        dims = shapes.get(node.output[0])
+        if dims is None or len(dims) != 4 or not all(d.HasField("dim_value") and d.dim_value for d in dims[2:]):
+            return None
+        h, w = dims[2].dim_value, dims[3].dim_value
+        if imgsz[0] % h or imgsz[1] % w or imgsz[0] // h != imgsz[1] // w:
+            return None
+        strides.add(imgsz[0] // h)
+    return tuple(sorted(strides)) or None
+
+
+def _converted_from(src: Path, manifest: ModelManifest, model: Any, precision_asked: str) -> None:
+    """Refuse an ONNX the FP16 and INT8 stages cannot start from, saying why."""
+    if precision_asked == "int8" and manifest.output_layout == LAYOUT_END2END:
+        raise ExportInputError(f"{src.name}: has NMS in its graph ({LAYOUT_END2END} output): {INT8_NMS}")
+    precision = manifest.precision if manifest.precision != "fp32" else graph_precision(model)
+    if precision != "fp32":
+        raise ExportInputError(f"{src.name}: is already {precision.upper()}; FP16 and INT8 are made from the "
+                               f"FP32 ONNX (and compared with it): give that one")
+    if manifest.input_contract().raw:
+        raise ExportInputError(f"{src.name}: takes uint8 pixels (an --input uint8 export); give the float ONNX "
+                               f"it was made from, with --input uint8 to put the uint8 input on the result")
+
+
+@register("onnx-source", "read an FP32 ONNX in place of the load and onnx stages: its manifest or "
+                         "metadata, the head's strides from the graph")
+def onnx_source_stage(ctx: ExportContext) -> None:
+    import onnx
+
+    req = ctx.request
+    src = req.weights
+    if not src.is_file():
+        raise ExportInputError(f"{src}: no such file")
+    if req.precision == "fp16" and req.verify_images is None and not sample_paths():
+        # Checked before any work: the agreement stage's default pictures come with Ultralytics.
+        raise ExportInputError("--precision fp16 compares the FP16 model with the FP32 one on pictures: give "
+                               "--verify-images DIR (Ultralytics' sample pictures are not installed here)")
+    size_given = req.imgsz if req.imgsz_given else None
+    batch_given = (req.batch_min, req.batch_max) if req.batch_given else None
+    manifest, derived = onnx_manifest(src, imgsz=size_given, batch=batch_given)
+    for flag, given, own in (("--imgsz", size_given, manifest.imgsz),
+                             ("--batch", batch_given, (manifest.batch_min, manifest.batch_max))):
+        if given is not None and given != own:
+            raise ExportInputError(f"{src.name}: its manifest says {flag} {own}, not {given}; leave {flag} out "
+                                   f"(the size and batch of an ONNX are its export's)")
+    model = onnx.load(str(src), load_external_data=False)
+    _converted_from(src, manifest, model, req.precision)
+    strides = strides_from_graph(model, manifest.imgsz, manifest.batch_min)
+    if strides is None:
+        # No YOLOv8 head found by name (a graph renamed by another tool): YOLOv8's three levels are
+        # assumed. The verify stage runs the result and holds its anchor count to these strides.
+        strides = (8, 16, 32)
+        ctx.notes.append("the head's strides were not found in the graph: YOLOv8's 8, 16, 32 assumed "
+                         "(checked against the output's anchors by the verify stage)")
+    if max(strides) != manifest.stride:
+        raise ExportInputError(f"{src.name}: its head's strides are {strides}, but it records a stride of "
+                               f"{manifest.stride}")
+    if derived:
+        ctx.notes.append(f"read from the ONNX graph and its {manifest.source['metadata']} metadata")
+    nms = manifest.nms or {}
+    ctx.request = dataclasses.replace(
+        req, imgsz=manifest.imgsz, batch_min=manifest.batch_min, batch_max=manifest.batch_max,
+        dynamic_batch=manifest.batch_max > manifest.batch_min, dynamic_hw=manifest.dynamic_hw,
+        nms=manifest.output_layout == LAYOUT_END2END, conf=nms.get("conf", req.conf),
+        iou=nms.get("iou", req.iou), max_det=nms.get("max_det", req.max_det))
+    ctx.class_names = dict(manifest.class_names)
+    ctx.strides = strides
+    ctx.source = {"onnx": src.name, "sha256": sha256_file(src), "size_bytes": src.stat().st_size}
+    if not derived and manifest.source:
+        ctx.source["onnx_source"] = dict(manifest.source)     # the checkpoint it came from, if recorded
+    ctx.build_info["exporter"] = "streamd-export from onnx"
+    ctx.model_path, ctx.model_format, ctx.opset = src, "onnx", manifest.opset
+    ctx.input_name, ctx.output_names = manifest.input_name, list(manifest.output_names)

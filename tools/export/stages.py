@@ -128,6 +128,10 @@ class ExportRequest:
 
 
 INT8_FLAVOURS = ("tensorrt", "cpu")
+# ONNX Runtime's calibrator stacks each tensor over the calibration batches, and the NMS tensors
+# change size with every picture: it stops with "inhomogeneous shape". FP16 runs through NMS.
+INT8_NMS = ("INT8 calibration cannot run through NMS in the graph; export without --nms (the daemon runs "
+            "NMS after the model), or use --precision fp16")
 
 
 def precision_suffix(req: ExportRequest) -> str:
@@ -159,6 +163,8 @@ def check_precision_options(req: ExportRequest) -> None:
             raise ExportInputError("--precision int8 needs calibration images from the cameras it will "
                                    "watch: --calib DIR (a folder of images) or --calib-from CONFIG "
                                    "(frames from the cameras of a streamd config)")
+        if req.nms:
+            raise ExportInputError(f"--nms --precision int8: {INT8_NMS}")
         if req.engine and req.int8_flavour == "cpu":
             raise ExportInputError("--int8-flavour cpu makes uint8 activations, which TensorRT does not "
                                    "take; use --int8-flavour tensorrt with --engine")
@@ -183,6 +189,8 @@ def check_name(name: str) -> None:
 class ExportContext:
     """What the stages share. Paths under ``workdir`` vanish when the pipeline ends."""
 
+    # For an ONNX input, the onnx-source stage replaces it with one holding the ONNX's own size,
+    # batch and NMS (what the load and onnx stages would have made from these options).
     request: ExportRequest
     workdir: Path
     # Filled by the "load" stage.
@@ -237,8 +245,13 @@ PLANS: dict[str, tuple[str, ...]] = {
     "int8": ("preflight", "inputs", "load", "onnx", "calibrate", "int8", "agreement", "manifest",
              "verify", "install"),
 }
-# An ONNX input is adopted, not exported: its own plan (torch-free), --engine appended as for the others.
+# An FP32 ONNX input is adopted, not exported: its own plan (torch-free), --engine appended as for
+# the others.
 ONNX_PLAN: tuple[str, ...] = ("preflight", "adopt")
+# FP16/INT8 of an ONNX input: the precision's plan, with the stages that need torch and Ultralytics
+# (TORCH_STAGES) replaced by one that fills the context from the ONNX (onnx_input.py).
+TORCH_STAGES = ("load", "onnx")
+ONNX_SOURCE_STAGE = "onnx-source"
 # --input uint8: the stage that puts the input's scaling into the graph, after every stage
 # that changes the float model (and, for an adopted ONNX, the install of the new file).
 UINT8_STAGE = "uint8"
@@ -277,17 +290,21 @@ def _ensure_registered() -> None:
 def plan_for(request: ExportRequest) -> list[Stage]:
     """The stages that fulfil ``request``, or ExportNotImplemented before any work starts."""
     _ensure_registered()
-    names = PLANS.get(request.precision) if not request.from_onnx else ONNX_PLAN
-    if request.from_onnx and request.precision != "fp32":
-        raise ExportNotImplemented(f"--precision {request.precision} of an ONNX input: convert it from the .pt "
-                                   f"(its FP16/INT8 stages compare with the FP32 export)")
+    names = PLANS.get(request.precision)
     if names is None:
         done = ", ".join(sorted(PLANS))
         raise ExportNotImplemented(
             f"--precision {request.precision} is not implemented yet in this version "
             f"(available: {done})")
+    adopted = request.from_onnx and request.precision == "fp32"
+    if adopted:
+        names = ONNX_PLAN
+    elif request.from_onnx:
+        # The checkpoint's plan with its torch stages replaced by the one that reads the ONNX.
+        at = names.index(TORCH_STAGES[0])
+        names = (*names[:at], ONNX_SOURCE_STAGE, *(n for n in names[at:] if n not in TORCH_STAGES))
     if request.input == "uint8":
-        if request.from_onnx:
+        if adopted:
             names = (*names, UINT8_STAGE, "install")
         else:
             at = names.index("manifest")
