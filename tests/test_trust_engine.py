@@ -30,7 +30,7 @@ from streamd.backends.tensorrt.trusted import (
 )
 from streamd.config import SchedulerConfig, parse_config
 from streamd.errors import BackendError, ConfigError, ManifestError
-from streamd.manifest import LAYOUT_END2END, LAYOUT_RAW
+from streamd.manifest import FLOAT_INPUT, LAYOUT_END2END, LAYOUT_RAW, RAW_UINT8, InputContract
 from streamd.service.doctor import MISSING, engine_model_check
 from streamd.service.model import load_backend
 from tests.test_check import _cli
@@ -52,6 +52,7 @@ class TensorIOMode(enum.Enum):
 class DataType(enum.Enum):
     FLOAT = 0
     HALF = 1
+    INT8 = 2
     INT32 = 3
     UINT8 = 5
 
@@ -100,7 +101,7 @@ class FakeEngine:
         return list(self._profiles[name][profile_index])
 
 
-IN, OUT, F32, F16 = TensorIOMode.INPUT, TensorIOMode.OUTPUT, DataType.FLOAT, DataType.HALF
+IN, OUT, F32, F16, U8 = TensorIOMode.INPUT, TensorIOMode.OUTPUT, DataType.FLOAT, DataType.HALF, DataType.UINT8
 ENGINE = Path("yard.engine")
 
 
@@ -153,6 +154,34 @@ def test_end_to_end_engine_with_nms_inside() -> None:
     assert "a class id beyond these names is published by its number" in text
 
 
+def test_uint8_engine_takes_the_letterbox_bytes_channels_last() -> None:
+    """An engine trtexec built from a ``streamd-export --input uint8`` ONNX: (batch, H, W, 3) uint8."""
+    io = infer_engine_io(engine((-1, 320, 320, 3), (-1, 6, 2100), in_dtype=U8,
+                                profile=((1, 320, 320, 3), (4, 320, 320, 3), (8, 320, 320, 3))), path=ENGINE)
+    assert io.contract == RAW_UINT8 and io.imgsz == (320, 320) and io.hw is None
+    assert (io.batch.min, io.batch.max) == (1, 8) and (io.layout, io.classes) == (LAYOUT_RAW, 2)
+    m = trusted_manifest(io, ["Normal", "Fall"], path=ENGINE, sha256="56" * 32, facts=HERE)
+    assert (m.input_dtype, m.input_layout, m.input_channels) == ("uint8", "nhwc", "bgr")
+    assert m.input_contract() == RAW_UINT8
+    assert "input images (?, 320, 320, 3) UINT8: 320x320" in io.describe()
+
+
+def test_uint8_any_size_engine_reads_h_and_w_from_the_nhwc_profile() -> None:
+    io = infer_engine_io(engine((-1, -1, -1, 3), (-1, 84, -1), in_dtype=U8,
+                                profile=((1, 320, 256, 3), (8, 640, 640, 3), (8, 640, 640, 3))), path=ENGINE)
+    assert io.contract == RAW_UINT8 and io.hw is not None
+    assert io.hw.min == (320, 256) and io.hw.max == (640, 640) and io.imgsz == (640, 640)
+    m = trusted_manifest(io, [f"c{i}" for i in range(80)], path=ENGINE, sha256="78" * 32, facts=HERE)
+    assert m.dynamic_hw and m.input_contract() == RAW_UINT8
+
+
+def test_a_float_engine_keeps_the_float_contract() -> None:
+    io = infer_engine_io(engine((1, 3, 640, 640), (1, 300, 6), in_dtype=F16, out_dtype=F16), path=ENGINE)
+    assert io.contract == InputContract("float16") and not io.contract.raw
+    io = infer_engine_io(engine((1, 3, 640, 640), (1, 84, 8400)), path=ENGINE)
+    assert io.contract == FLOAT_INPUT
+
+
 def test_two_input_engine_is_refused_naming_both() -> None:
     e = engine((1, 3, 640, 640), (1, 84, 8400), im_shape=(IN, (1, 2), F32))
     with pytest.raises(ManifestError, match=r"2 inputs \(images \(1, 3, 640, 640\) FLOAT; im_shape \(1, 2\) "
@@ -162,7 +191,12 @@ def test_two_input_engine_is_refused_naming_both() -> None:
 
 @pytest.mark.parametrize(("e", "message"), [
     (engine((1, 3, 640, 640), (1, 84, 8400), output1=(OUT, (1, 32, 160, 160), F32)), "2 outputs"),
-    (engine((1, 3, 640, 640), (1, 84, 8400), in_dtype=DataType.UINT8), "is not FLOAT or HALF"),
+    (engine((1, 3, 640, 640), (1, 84, 8400), in_dtype=DataType.UINT8), r"is UINT8 but not \(batch, H, W, 3\)"),
+    (engine((1, 640, 640, 3), (1, 84, 8400), in_dtype=DataType.INT8), "is not FLOAT or HALF"),
+    (FakeEngine({"images": (IN, (1, 640, 640, 3), U8, TensorFormat.CHW32), "output0": (OUT, (1, 84, 8400), F32)}),
+     "format CHW32, not LINEAR"),
+    (engine((-1, -1, -1, 3), (-1, 84, -1), profile=((1, 3, 320, 320), (1, 3, 640, 640), (1, 3, 640, 640)),
+            in_dtype=DataType.UINT8), "is not a multiple of the stride 32"),
     (engine((1, 3, 640, 640), (1, 300, 6), out_dtype=DataType.INT32), "is not FLOAT or HALF"),
     (FakeEngine({"images": (IN, (1, 3, 640, 640), F16, TensorFormat.CHW32), "output0": (OUT, (1, 84, 8400), F32)}),
      "format CHW32, not LINEAR"),
@@ -185,7 +219,11 @@ def test_engines_streamd_cannot_run_are_refused_saying_why(e: FakeEngine, messag
     engine((-1, 3, 320, 320), (-1, 6, 2100), profile=((1, 3, 320, 320), (4, 3, 320, 320), (8, 3, 320, 320))),
     engine((-1, 3, -1, -1), (-1, 6, -1), profile=((1, 3, 320, 320), (8, 3, 640, 640), (8, 3, 640, 640))),
     engine((1, 3, 640, 640), (1, 300, 6), in_dtype=F16, out_dtype=F16),
-], ids=["static", "dynamic-batch", "any-hw", "end2end"])
+    engine((-1, 320, 320, 3), (-1, 6, 2100), profile=((1, 320, 320, 3), (4, 320, 320, 3), (8, 320, 320, 3)),
+           in_dtype=U8),
+    engine((-1, -1, -1, 3), (-1, 6, -1), profile=((1, 320, 320, 3), (8, 640, 640, 3), (8, 640, 640, 3)),
+           in_dtype=U8),
+], ids=["static", "dynamic-batch", "any-hw", "end2end", "uint8", "uint8-any-hw"])
 def test_the_manifest_made_from_an_engine_passes_the_runtimes_own_checks(e: FakeEngine) -> None:
     """What the runtime then checks an engine against (the I/O, its profiles, the buffers)
     holds for the manifest made from that same engine."""
@@ -194,13 +232,14 @@ def test_the_manifest_made_from_an_engine_passes_the_runtimes_own_checks(e: Fake
     m = trusted_manifest(io, names, path=ENGINE, sha256="34" * 32, facts=HERE)
     specs = [TensorSpec(t.name, t.is_input, t.shape, t.dtype) for t in read_engine_tensors(e)]
     check_io(specs, path=ENGINE, input_name=m.input_name, output_names=m.output_names, imgsz=m.imgsz,
-             dynamic_hw=m.dynamic_hw)
+             dynamic_hw=m.dynamic_hw, layout=m.input_layout)
     if m.dynamic_hw:
-        assert hw_profile_from_shapes(*e.get_tensor_profile_shape("images", 0), stride=m.stride).max == m.imgsz
+        shapes = e.get_tensor_profile_shape("images", 0)
+        assert hw_profile_from_shapes(*shapes, stride=m.stride, layout=m.input_layout).max == m.imgsz
     assert io.batch.min <= m.batch_min <= m.batch_max <= io.batch.max
     at_max = None
     if m.dynamic_hw:   # the shapes TensorRT would report at the largest batch and input
-        at_max = {"images": (m.batch_max, 3, *m.imgsz), "output0": (m.batch_max, 6, 8400)}
+        at_max = {"images": m.input_contract().shape(m.batch_max, *m.imgsz), "output0": (m.batch_max, 6, 8400)}
     buffers = plan_buffers(specs, m.batch_max, at_max)
     assert buffers[0].shape[0] == m.batch_max
 

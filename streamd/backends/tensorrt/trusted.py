@@ -4,9 +4,12 @@ An engine built elsewhere (``trtexec --onnx=model.onnx --saveEngine=model.engine
 manifest: nothing records its classes, what built it, or the sha256 of its bytes. With
 ``trust_engine`` the daemon loads it anyway and learns what it needs from the engine itself:
 
-* the one input: its name, dtype, (batch, 3, H, W) shape and, where batch or H x W are
-  dynamic, the range of its optimisation profile 0 (the profile the runtime runs), giving
-  the batch range, ``imgsz`` and whether the engine takes any H x W;
+* the one input: its name, dtype, (batch, 3, H, W) shape (float), or (batch, H, W, 3) for a
+  uint8 input (an engine built from a ``streamd-export --input uint8`` ONNX, which takes the
+  letterbox's BGR bytes: its contract is read with ``manifest.contract_from_graph``, as for an
+  ONNX without a manifest) and, where batch or H x W are dynamic, the range of its optimisation
+  profile 0 (the profile the runtime runs), giving the batch range, ``imgsz`` and whether the
+  engine takes any H x W;
 * the one output: the raw YOLOv8 head (batch, 4 + classes, anchors) or the end-to-end layout
   with NMS in the graph (batch, max_det, 6), named as the manifest's ``output_layout`` names
   them;
@@ -31,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ManifestError
-from ...manifest import LAYOUT_END2END, LAYOUT_RAW, ModelManifest, sidecar_path
+from ...manifest import (
+    LAYOUT_END2END,
+    LAYOUT_RAW,
+    RAW_UINT8,
+    InputContract,
+    ModelManifest,
+    contract_from_graph,
+    sidecar_path,
+)
 from .logic import BUILD_CC, BUILD_GPU, BUILD_TENSORRT, FORMAT_TENSORRT, RuntimeFacts
 from .profiles import BatchProfile, HwProfile, hw_profile_from_shapes, numpy_dtype, trt_dtype_name
 
@@ -76,6 +87,7 @@ class EngineIO:
     layout: str                    # LAYOUT_RAW | LAYOUT_END2END
     classes: int | None            # the raw head's class count; None for end-to-end outputs
     profiles: int                  # optimisation profiles in the engine (profile 0 is used)
+    contract: InputContract        # float NCHW RGB, or the uint8 NHWC BGR letterbox bytes
 
     def describe(self) -> str:
         """One line for logs, ``streamd check`` and ``streamd doctor``."""
@@ -121,6 +133,25 @@ def _float_dtype(t: EngineTensor, path: Path, what: str) -> None:
         raise ManifestError(f"{path}: {what} {t.text()} is not FLOAT or HALF; a trusted engine must take "
                             f"and give floats as YOLOv8 exports do (an engine with other I/O types needs "
                             f"its manifest: streamd-export --adopt-engine)")
+    _linear(t, path, what)
+
+
+def _input_contract(t: EngineTensor, path: Path) -> InputContract:
+    """What the input takes: floats (FLOAT or HALF, NCHW RGB), or the letterbox's uint8 BGR bytes
+    channels last, as an engine built from a ``streamd-export --input uint8`` ONNX takes them."""
+    if t.dtype != "UINT8":
+        _float_dtype(t, path, "input")
+        return contract_from_graph(str(numpy_dtype(t.dtype)), t.shape)
+    contract = contract_from_graph("uint8", t.shape)
+    if contract != RAW_UINT8:          # uint8 in another layout: no such export to have built it from
+        raise ManifestError(f"{path}: input {t.text()} is UINT8 but not (batch, H, W, 3); a uint8 input "
+                            f"takes the letterbox's BGR bytes channels last, as streamd-export --input uint8 "
+                            f"makes it")
+    _linear(t, path, "input")
+    return contract
+
+
+def _linear(t: EngineTensor, path: Path, what: str) -> None:
     if t.format != "LINEAR":
         raise ManifestError(f"{path}: {what} {t.name!r} has TensorRT format {t.format}, not LINEAR; build "
                             f"the engine without --inputIOFormats/--outputIOFormats vectorised formats")
@@ -143,12 +174,13 @@ def infer_engine_io(engine: Any, *, path: Path, stride: int = 32) -> EngineIO:
                             f"(batch, max_det, 6) (segmentation/pose heads and NMS plugins with several "
                             f"outputs are not supported)")
     inp, out = inputs[0], outputs[0]
-    _float_dtype(inp, path, "input")
+    contract = _input_contract(inp, path)
     _float_dtype(out, path, "output")
     shape = inp.shape
-    if len(shape) != 4 or shape[1] != 3:
+    if len(shape) != 4 or (shape[1] != 3 and not contract.raw):
         raise ManifestError(f"{path}: input {inp.text()} is not (batch, 3, H, W)")
-    dyn_h, dyn_w = shape[2] < 0, shape[3] < 0
+    fixed_hw = contract.hw(shape)
+    dyn_h, dyn_w = fixed_hw[0] < 0, fixed_hw[1] < 0
     if dyn_h != dyn_w:
         raise ManifestError(f"{path}: input {inp.text()} has one of H and W dynamic and the other fixed; "
                             f"streamd runs engines with both fixed or both dynamic")
@@ -161,7 +193,7 @@ def infer_engine_io(engine: Any, *, path: Path, stride: int = 32) -> EngineIO:
         limits = tuple(_dims(s) for s in engine.get_tensor_profile_shape(inp.name, 0))
         if len(limits) != 3 or any(len(s) != 4 for s in limits):
             raise ManifestError(f"{path}: profile 0 of input {inp.name!r} is {limits}, not three "
-                                f"(batch, 3, H, W) shapes (min, opt, max)")
+                                f"{contract.shape_text('batch', 'H', 'W')} shapes (min, opt, max)")
     if shape[0] < 0:
         assert limits is not None
         try:
@@ -176,15 +208,15 @@ def infer_engine_io(engine: Any, *, path: Path, stride: int = 32) -> EngineIO:
     if dyn_h:
         assert limits is not None
         try:
-            hw = hw_profile_from_shapes(*limits, stride=stride)
+            hw = hw_profile_from_shapes(*limits, stride=stride, layout=contract.layout)
         except ValueError as exc:
             raise ManifestError(f"{path}: the H x W range of input {inp.name!r} in profile 0: {exc}") from None
         imgsz = hw.max
     else:
-        imgsz = (shape[2], shape[3])
+        imgsz = fixed_hw
     layout, classes = _output_layout(out, batch_fixed=shape[0] >= 0, batch=shape[0], any_hw=hw is not None,
                                      path=path)
-    return EngineIO(inp, out, batch, hw, imgsz, layout, classes, profiles)
+    return EngineIO(inp, out, batch, hw, imgsz, layout, classes, profiles, contract)
 
 
 def _output_layout(out: EngineTensor, *, batch_fixed: bool, batch: int, any_hw: bool,
@@ -253,7 +285,8 @@ def trusted_manifest(io: EngineIO, names: Sequence[str] | None, *, path: Path, s
         class_names=check_names(io, names, path=path), imgsz=io.imgsz,
         batch_min=io.batch.min, batch_max=io.batch.max, output_layout=io.layout, stride=stride,
         dynamic_hw=io.hw is not None, precision=TRUSTED_PRECISION, input_name=io.input.name,
-        input_dtype=str(numpy_dtype(io.input.dtype)), output_names=[io.output.name],
+        input_dtype=io.contract.dtype, input_layout=io.contract.layout, input_channels=io.contract.channels,
+        output_names=[io.output.name],
         build={BUILD_TENSORRT: facts.tensorrt, BUILD_CC: facts.compute_capability,
                BUILD_GPU: facts.gpu_name, BUILD_TRUSTED: True})
     manifest.validate(f"{path} (read from the engine)")
