@@ -33,8 +33,8 @@ workers (``scheduler.workers``, each its own engine instance, execution context 
 stream) one worker's letterboxing and copies overlap the other's GPU work, so ``infer``
 blocking until its own output is back costs only the copies.
 
-(Over 400 lines: loading, buffers, running and freeing one engine share one object's state;
-every decision it applies lives in ``logic``, ``profiles`` and ``trusted``.)
+Every decision it applies lives in ``logic``, ``profiles`` and ``trusted``; the slots' buffers,
+what is written into them and the shapes read back, in ``slots``.
 """
 
 from __future__ import annotations
@@ -43,14 +43,13 @@ import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import BackendError, ManifestError
-from ...manifest import PAD_VALUE, ModelManifest
+from ...manifest import ModelManifest
 from ..base import Backend, ModelInfo
 from .build import last_error, make_logger, rebuild_engine
 from .logic import BUILD_GPU, BUILD_TENSORRT, RuntimeFacts, check_engine, check_engine_file, format_cc
@@ -58,47 +57,18 @@ from .probe import import_cuda, import_tensorrt
 from .trusted import TRUSTED_PLAN_HINT, EngineIO, load_trusted, trust_checks
 from .profiles import (
     BatchProfile,
-    BufferSpec,
     HwProfile,
     TensorSpec,
     check_io,
-    check_runtime_shape,
     choose_run_batch,
     hw_profile_from_shapes,
     plan_buffers,
     profile_from_shapes,
-    resolve_shape,
     trt_dtype_name,
 )
+from .slots import InferHandle, Slot, allocate_slot, free_slot, leading, output_shape, stage_batch
 
 log = logging.getLogger("streamd.backend.tensorrt")
-
-
-@dataclass
-class _Slot:
-    host_in: np.ndarray
-    host_out: dict[str, np.ndarray]
-    dev_in: Any
-    dev_out: dict[str, Any]
-    done: Any                        # cuda.Event recorded after the copy-out
-    busy: bool = False
-    ticket: int = 0
-
-
-@dataclass(frozen=True)
-class InferHandle:
-    slot: int
-    ticket: int
-    n: int                           # frames asked for (rows returned)
-    run: int                         # batch executed (>= n when padded)
-    out_shape: tuple[int, ...] = ()  # the primary output's shape for this run
-
-
-def _leading(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The first elements of a (pinned) buffer viewed as one contiguous array of ``shape``;
-    no copy, so the view is pinned memory too."""
-    size = int(np.prod(shape))
-    return buffer.reshape(-1)[:size].reshape(shape)
 
 
 class TensorRTBackend(Backend):
@@ -112,7 +82,7 @@ class TensorRTBackend(Backend):
         self.path = Path(path)
         self._closed = False
         self._cuda_ctx: Any = None
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._engine: Any = None
         self._context: Any = None
         self._runtime: Any = None
@@ -242,7 +212,7 @@ class TensorRTBackend(Backend):
         try:
             self._stream = cuda.Stream()
             for _ in range(n_slots):
-                self._slots.append(self._allocate(buffers))
+                self._slots.append(allocate_slot(cuda, buffers))
         except cuda.Error as exc:
             raise BackendError(f"{self.path.name}: GPU allocation failed ({exc})") from None
         in_dtype = np.dtype(buffers[[b.name for b in buffers].index(self._input.name)].dtype)
@@ -255,20 +225,6 @@ class TensorRTBackend(Backend):
                               source="manifest" if self.trusted_io is None else "trusted engine",
                               dynamic_hw=manifest.dynamic_hw, stride=manifest.stride,
                               nms_conf=manifest.nms_conf(), input_contract=manifest.input_contract())
-
-    def _allocate(self, buffers: list[BufferSpec]) -> _Slot:
-        cuda = self._cuda
-        host_out: dict[str, np.ndarray] = {}
-        dev_out: dict[str, Any] = {}
-        host_in = dev_in = None
-        for b in buffers:
-            host = cuda.pagelocked_empty(b.shape, b.dtype)
-            dev = cuda.mem_alloc(max(b.nbytes, 1))
-            if b.is_input:
-                host_in, dev_in = host, dev
-            else:
-                host_out[b.name], dev_out[b.name] = host, dev
-        return _Slot(host_in, host_out, dev_in, dev_out, cuda.Event())  # type: ignore[arg-type]
 
     @contextmanager
     def _active(self) -> Iterator[None]:
@@ -306,19 +262,8 @@ class TensorRTBackend(Backend):
         else:
             run_h, run_w = h, w
         shape = contract.shape(rb.run, run_h, run_w)
-        # The pinned buffer holds the largest input; a smaller one uses its first bytes as
-        # one contiguous (run, 3, H, W) array (run, H, W, 3 for a uint8 input), which is
-        # what TensorRT reads.
-        host_in = _leading(slot.host_in, shape)
         with self._active():
-            if (run_h, run_w) != (h, w):
-                # Below the engine's smallest H x W: grey at the bottom and right, like the
-                # letterbox's own padding.
-                host_in[:n].fill(PAD_VALUE if contract.raw else PAD_VALUE / 255.0)
-            region = host_in[:n, :h, :w] if contract.raw else host_in[:n, :, :h, :w]
-            np.copyto(region, batch, casting="same_kind")
-            if rb.pad:
-                host_in[n:rb.run].fill(0)
+            host_in = stage_batch(slot.host_in, batch, contract, shape)
             if not trt_ctx.set_input_shape(name_in, shape):
                 hw_text = (f", H x W {self.hw_profile.as_dict()}" if self.hw_profile is not None else "")
                 raise BackendError(f"{self.path.name}: input {name_in!r} shape {shape} refused; the "
@@ -335,15 +280,8 @@ class TensorRTBackend(Backend):
                 for spec in self._outputs:
                     got = tuple(int(d) for d in trt_ctx.get_tensor_shape(spec.name))
                     try:
-                        if self.hw_profile is not None:
-                            out_shapes[spec.name] = check_runtime_shape(spec.shape, got, rb.run,
-                                                                        name=spec.name)
-                        else:
-                            want = resolve_shape(spec.shape, rb.run, name=spec.name)
-                            if got != want:
-                                raise ValueError(f"output {spec.name!r} has shape {got} for a batch "
-                                                 f"of {rb.run}, expected {want}")
-                            out_shapes[spec.name] = got
+                        out_shapes[spec.name] = output_shape(spec, got, rb.run,
+                                                             any_hw=self.hw_profile is not None)
                     except ValueError as exc:
                         raise BackendError(f"{self.path.name}: {exc}") from None
                     if not trt_ctx.set_tensor_address(spec.name, int(slot.dev_out[spec.name])):
@@ -353,7 +291,7 @@ class TensorRTBackend(Backend):
                     raise BackendError(f"{self.path.name}: TensorRT failed to enqueue a batch of "
                                        f"{rb.run}{last_error(self._logger)}")
                 for spec in self._outputs:
-                    cuda.memcpy_dtoh_async(_leading(slot.host_out[spec.name], out_shapes[spec.name]),
+                    cuda.memcpy_dtoh_async(leading(slot.host_out[spec.name], out_shapes[spec.name]),
                                            slot.dev_out[spec.name], self._stream)
                 slot.done.record(self._stream)
             except cuda.Error as exc:
@@ -378,7 +316,7 @@ class TensorRTBackend(Backend):
                                f"({exc})") from None
         slot.busy = False
         # A copy: the pinned buffer belongs to the slot and is rewritten by the next batch.
-        out = np.array(_leading(slot.host_out[self._primary], handle.out_shape)[:handle.n], copy=True)
+        out = np.array(leading(slot.host_out[self._primary], handle.out_shape)[:handle.n], copy=True)
         return out.astype(np.float32, copy=False)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -414,10 +352,7 @@ class TensorRTBackend(Backend):
                 except cuda.Error as exc:
                     log.warning("%s: stream error at close (%s)", self.path.name, exc)
             for slot in self._slots:
-                for mem in (slot.dev_in, *slot.dev_out.values()):
-                    mem.free()
-                if hasattr(slot.done, "destroy"):      # cuda-python's events are freed by hand
-                    slot.done.destroy()
+                free_slot(slot)
             self._slots.clear()
             if self._stream is not None and hasattr(self._stream, "destroy"):
                 self._stream.destroy()
