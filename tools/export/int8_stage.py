@@ -14,13 +14,15 @@ not the same file:
 
 * ``tensorrt`` (default): symmetric int8 activations and weights, per-channel weights kept
   as float behind a Q/DQ pair, biases in float, and the convolutions that read a Concat
-  left in float (see :func:`concat_fed_convs`). TensorRT takes only symmetric int8 Q/DQ
-  and refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
-  INT8 kernels), but listed for it only where its agreement through OpenVINO passes
-  (verify_stage: on the development box a model of fixed input size passes, one that takes
-  any H x W does not); on ONNX Runtime's CPU it is slower than FP32.
+  left in float (int8_graph.py says why). TensorRT takes only symmetric int8 Q/DQ and
+  refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
+  INT8 kernels), and listed for it where its agreement through OpenVINO passes
+  (verify_stage); on ONNX Runtime's CPU it is slower than FP32.
 * ``cpu``: uint8 activations (asymmetric), int8 per-channel weights: what ONNX Runtime's
   CPU kernels run fastest. TensorRT cannot build it.
+
+Both flavours take the head's anchor grid size from the input's shape rather than from
+the quantized feature maps (same numbers; int8_graph.py says why OpenVINO needs it).
 
 The manifest records which backends the file is meant for (``backends``), so ``backend:
 auto`` measures only those.
@@ -32,7 +34,6 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from streamd.backends.tensorrt.logic import BUILD_FP32_ONNX_SHA, head_prefix, ke
 from streamd.errors import ConfigError, ExportError
 from streamd.manifest import INT8_FLAVOUR_BACKENDS, sha256_file
 
+from .int8_graph import anchor_grid_from_input, concat_fed_convs
 from .stages import ExportContext, ExportInputError, register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -234,8 +236,8 @@ class Flavour:
     # set the scale of every tensor. Measured on the Normal/Fall model at 320 with 12
     # images: symmetric int8 AP50 0.948 -> 0.992 against FP32, mean IoU 0.927 -> 0.954.
     method: str = "Percentile"
-    # Leave the convolutions fed by a Concat in float (concat_fed_convs): what OpenVINO
-    # needs to run a symmetric file as ONNX Runtime and TensorRT define it.
+    # Leave the convolutions fed by a Concat in float: what OpenVINO needs to run symmetric
+    # int8 activations as ONNX Runtime and TensorRT define them (int8_graph.py).
     float_concat_convs: bool = False
 
 
@@ -254,31 +256,6 @@ FLAVOURS = {
         "WeightSymmetric": True,
     }),
 }
-
-
-def concat_fed_convs(nodes: Iterable[Any]) -> list[str]:
-    """Names of the Conv nodes whose input is a Concat's output: in YOLOv8 the last conv of
-    every C2f block and of the SPPF, and the first conv after each neck concat (13 in all).
-
-    Why they stay float in the symmetric flavour (measured on the Normal/Fall YOLOv8s at
-    320 with OpenVINO 2026.4 on the development box's CPU, comparing each tensor through
-    OpenVINO with ONNX Runtime's on truncated copies of the graph): OpenVINO runs symmetric
-    int8 activations as uint8 with a zero point of 128, and moves a convolution's input
-    FakeQuantize from behind a Concat onto each of the Concat's inputs. In a C2f block one
-    of those inputs (the second half of the Split) also feeds the next bottleneck's conv
-    through its own Q/DQ; OpenVINO fuses the two quantizations on that branch, and the conv
-    after the Concat comes out wrong (mean relative error 0.18 against ONNX Runtime's at the
-    very first C2f, 0.5 by the neck, every box lost). Every layer before it agrees to 1e-3.
-    Quantizing the Concat itself, giving all its inputs the output's scale, per-tensor
-    weights, weights stored as int8 or 7-bit weights each changed nothing; uint8 activations
-    with a calibrated zero point do not trip it. With these convolutions in float, OpenVINO's boxes
-    and scores agree with ONNX Runtime's as closely as ONNX Runtime's agree with FP32, and
-    TensorRT still sees only symmetric int8 Q/DQ pairs (it runs those convs in FP16/FP32).
-    """
-    nodes = list(nodes)
-    producer = {out: n for n in nodes for out in n.output}
-    return [n.name for n in nodes if n.op_type == "Conv" and n.input
-            and getattr(producer.get(n.input[0]), "op_type", "") == "Concat"]
 
 
 class _Reader:
@@ -337,8 +314,12 @@ def quantize_int8(src: Path, dst: Path, samples: np.ndarray, flavour: str, *, in
     # Symbolic shape inference chokes on the dynamic axes (batch, and H x W by default);
     # ONNX's own inference is enough for these graphs: the quantizer needs types, not sizes.
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    graph = onnx.load(str(pre), load_external_data=False).graph
+    model = onnx.load(str(pre))
+    graph = model.graph
     prefix = head_prefix(n.name for n in graph.node)
+    grid_from_input = anchor_grid_from_input(model, input_name, prefix, probe=int(samples.shape[2]))
+    if grid_from_input:
+        onnx.save(model, str(pre))
     exclude = [n.name for n in graph.node if keep_float_in_int8(n.name, n.op_type, prefix)]
     if fl.float_concat_convs:
         exclude += [name for name in concat_fed_convs(graph.node) if name not in exclude]
@@ -375,6 +356,7 @@ def quantize_int8(src: Path, dst: Path, samples: np.ndarray, flavour: str, *, in
         "calibration_method": fl.method.lower(),
         "calibration_images": int(len(samples)),
         "float_nodes": len(exclude),
+        "anchor_grid_from_input": bool(grid_from_input),
         "quantize_nodes": ops.count("QuantizeLinear"),
         "dequantize_nodes": ops.count("DequantizeLinear"),
     }
