@@ -15,7 +15,9 @@ FP32 where ONNX Runtime gave 0.99. Two separate faults, each enough to lose ever
    agrees to 1e-3). Quantizing the Concat itself, giving all its inputs the output's scale,
    per-tensor weights, weights stored as int8 or 7-bit weights each changed nothing; uint8
    activations with a calibrated zero point do not trip it. The symmetric flavour therefore
-   leaves the 13 convolutions that read a Concat in float.
+   leaves the 13 convolutions that read a Concat in float (floating only the 8 after a C2f's
+   Concat is not enough); on the development box that costs about a quarter of its speed on
+   OpenVINO, which stays about twice OpenVINO's FP32 (benchmarks/RESULTS.md).
 2. Models that take any H x W (:func:`anchor_grid_from_input`). Their head builds its anchor
    grid from ``Shape`` of the three neck outputs (then ``Range``). With that data-dependent
    shape path reading a tensor OpenVINO runs in int8, the last C2f of the neck comes out
