@@ -9,6 +9,8 @@ compared with the FP32 model on the same pictures by the export tool's own agree
 AP50 treating FP32 as ground truth, boxes matched at IoU 0.5. Speed is ms per image with
 ONNX Runtime's CPU provider at batch 1 and 4 (median of the timed runs, all cores).
 ``--record`` appends the table to benchmarks/RESULTS.md under "## CPU precision".
+``--openvino`` also prints each INT8 model's AP50 through OpenVINO (CPU, as streamd's
+OpenVINO backend runs it), on the same pictures, whichever backends its manifest lists.
 Without ``--calib``, calibration and verification use Ultralytics' two sample pictures,
 their mirror images and crops (12 pictures): enough to compare precisions, too few to
 calibrate a model for real cameras.
@@ -55,6 +57,7 @@ class Row:
     ap50: float | None
     matched: str
     mean_iou: float | None
+    ap50_openvino: float | None = None
 
 
 def sample_pictures(folder: Path) -> Path:
@@ -95,6 +98,22 @@ def ms_per_image(model: Path, imgsz: int, batch: int, runs: int, threads: int) -
     return 1000 * statistics.median(times) / batch
 
 
+def ap50_through_openvino(model: Path, reference: Path, pictures: Path, imgsz: int) -> float | None:
+    """AP50 of ``model`` through OpenVINO against ``reference`` (FP32) through ONNX Runtime,
+    by the export tool's own detection and matching code."""
+    from streamd.manifest import ModelManifest
+    from streamd_export.int8_stage import samples_from_folder
+    from streamd_export.stages import DEFAULT_CONF
+    from streamd_export.verify_stage import AP_MIN_SCORE, agreement, detect
+
+    m = ModelManifest.read(model)
+    samples = samples_from_folder(pictures, 200, (imgsz, imgsz), "--calib")
+    kw = {"layout": m.output_layout, "names": m.class_names, "batch_max": m.batch_max, "static_batch": False}
+    refs = detect(reference, samples, min_score=DEFAULT_CONF, **kw)
+    cands = detect(model, samples, min_score=AP_MIN_SCORE, backend="openvino", **kw)
+    return agreement(refs, cands, m.class_names, DEFAULT_CONF).ap50
+
+
 def build(pt: Path, label: str, imgsz: int, calib: Path, out_dir: Path) -> tuple[Path, dict[str, object]]:
     from streamd_export import ExportRequest, run_export
 
@@ -118,6 +137,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per batch size")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
     ap.add_argument("--record", action="store_true", help=f"append the table to {RESULTS.relative_to(REPO)}")
+    ap.add_argument("--openvino", action="store_true", help="also the INT8 models' AP50 through OpenVINO")
     args = ap.parse_args()
 
     pt = args.pt or default_pt()
@@ -137,6 +157,9 @@ def main() -> int:
                             agreement.get("ap50") if agreement else None,  # type: ignore[arg-type]
                             f"{agreement['matched']}/{ref}" if agreement else "-",
                             agreement.get("mean_iou") if agreement else None))  # type: ignore[arg-type]
+            if args.openvino and label.startswith("int8"):
+                print(f"[{label}] through OpenVINO …", file=sys.stderr, flush=True)
+                rows[-1].ap50_openvino = ap50_through_openvino(path, rows[0].path, calib, args.imgsz)
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
@@ -148,8 +171,9 @@ def main() -> int:
     for r in rows:
         ap50 = "ref" if r is base else (f"{r.ap50:.3f}" if r.ap50 is not None else "n/a")
         iou = "ref" if r is base else (f"{r.mean_iou:.3f}" if r.mean_iou is not None else "n/a")
+        ov = f"   AP50 through OpenVINO {r.ap50_openvino:.3f}" if r.ap50_openvino is not None else ""
         print(f"{r.label:<16} {r.size_mb:>6.1f} {r.ms_b1:>10.1f} {r.ms_b4:>10.1f} {ap50:>6} "
-              f"{'ref' if r is base else r.matched:>8} {iou:>6}")
+              f"{'ref' if r is base else r.matched:>8} {iou:>6}{ov}")
     if args.record:
         text = RESULTS.read_text() if RESULTS.exists() else ""
         headings = [ln for ln in text.splitlines() if ln.startswith("## ")]

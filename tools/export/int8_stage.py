@@ -13,13 +13,16 @@ Two flavours, because the INT8 that TensorRT wants and the INT8 that is fast on 
 not the same file:
 
 * ``tensorrt`` (default): symmetric int8 activations and weights, per-channel weights kept
-  as float behind a Q/DQ pair, biases in float. TensorRT takes only symmetric int8 Q/DQ
-  and refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
-  INT8 kernels), but listed for it only where its agreement through OpenVINO passes
-  (verify_stage; on the development box it does not); on ONNX Runtime's CPU it is slower
-  than FP32.
+  as float behind a Q/DQ pair, biases in float, and the convolutions that read a Concat
+  left in float (int8_graph.py says why). TensorRT takes only symmetric int8 Q/DQ and
+  refuses int32 bias dequantization. It is made for OpenVINO too (fast on a CPU with its
+  INT8 kernels), and listed for it where its agreement through OpenVINO passes
+  (verify_stage); on ONNX Runtime's CPU it is slower than FP32.
 * ``cpu``: uint8 activations (asymmetric), int8 per-channel weights: what ONNX Runtime's
   CPU kernels run fastest. TensorRT cannot build it.
+
+Both flavours take the head's anchor grid size from the input's shape rather than from
+the quantized feature maps (same numbers; int8_graph.py says why OpenVINO needs it).
 
 The manifest records which backends the file is meant for (``backends``), so ``backend:
 auto`` measures only those.
@@ -41,6 +44,7 @@ from streamd.backends.tensorrt.logic import BUILD_FP32_ONNX_SHA, head_prefix, ke
 from streamd.errors import ConfigError, ExportError
 from streamd.manifest import INT8_FLAVOUR_BACKENDS, sha256_file
 
+from .int8_graph import anchor_grid_from_input, concat_fed_convs
 from .stages import ExportContext, ExportInputError, register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -232,6 +236,9 @@ class Flavour:
     # set the scale of every tensor. Measured on the Normal/Fall model at 320 with 12
     # images: symmetric int8 AP50 0.948 -> 0.992 against FP32, mean IoU 0.927 -> 0.954.
     method: str = "Percentile"
+    # Leave the convolutions fed by a Concat in float: what OpenVINO needs to run symmetric
+    # int8 activations as ONNX Runtime and TensorRT define them (int8_graph.py).
+    float_concat_convs: bool = False
 
 
 FLAVOURS = {
@@ -243,7 +250,7 @@ FLAVOURS = {
         "QuantizeBias": False,
         "AddQDQPairToWeight": True,
         "DedicatedQDQPair": True,
-    }),
+    }, float_concat_convs=True),
     "cpu": Flavour("cpu", "QUInt8", "QInt8", True, {
         "ActivationSymmetric": False,
         "WeightSymmetric": True,
@@ -307,9 +314,15 @@ def quantize_int8(src: Path, dst: Path, samples: np.ndarray, flavour: str, *, in
     # Symbolic shape inference chokes on the dynamic axes (batch, and H x W by default);
     # ONNX's own inference is enough for these graphs: the quantizer needs types, not sizes.
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    graph = onnx.load(str(pre), load_external_data=False).graph
+    model = onnx.load(str(pre))
+    graph = model.graph
     prefix = head_prefix(n.name for n in graph.node)
+    grid_from_input = anchor_grid_from_input(model, input_name, prefix, probe=int(samples.shape[2]))
+    if grid_from_input:
+        onnx.save(model, str(pre))
     exclude = [n.name for n in graph.node if keep_float_in_int8(n.name, n.op_type, prefix)]
+    if fl.float_concat_convs:
+        exclude += [name for name in concat_fed_convs(graph.node) if name not in exclude]
 
     reader_impl = _Reader(input_name, samples, batch, static_batch)
 
@@ -343,6 +356,7 @@ def quantize_int8(src: Path, dst: Path, samples: np.ndarray, flavour: str, *, in
         "calibration_method": fl.method.lower(),
         "calibration_images": int(len(samples)),
         "float_nodes": len(exclude),
+        "anchor_grid_from_input": bool(grid_from_input),
         "quantize_nodes": ops.count("QuantizeLinear"),
         "dequantize_nodes": ops.count("DequantizeLinear"),
     }

@@ -338,10 +338,13 @@ def verify_backends(ctx: ExportContext, samples: np.ndarray, refs: list[Dets], k
     (OpenVINO), and list in the manifest's ``backends`` only those that reach it.
 
     OpenVINO does not run Q/DQ graphs as ONNX Runtime does (it executes them in integer
-    arithmetic with its own fusions): on the development box both INT8 flavours of the
-    Normal/Fall model lost most boxes through it although ONNX Runtime's agreement was 0.99.
-    ONNX Runtime is the gate above; TensorRT cannot be checked without its GPU (``streamd
-    doctor --model`` compares an engine with ONNX Runtime there)."""
+    arithmetic with its own fusions): before the graph changes of int8_graph.py the symmetric
+    file of the Normal/Fall model lost every box through it although ONNX Runtime's agreement
+    was 0.99; with them it agrees as closely as ONNX Runtime. The check runs the file as the
+    daemon's OpenVINO backend does (dynamic shapes, float parts in FP32), so a fusion that goes
+    wrong in a later OpenVINO release is caught here. ONNX Runtime is the gate above; TensorRT
+    cannot be checked without its GPU (``streamd doctor --model`` compares an engine with ONNX
+    Runtime there)."""
     by_backend: dict[str, float | None] = {"onnxruntime": ctx.build_info["agreement"]["ap50"]}
     kept: list[str] = []
     for name in ctx.backends:
