@@ -88,11 +88,12 @@ def contract_from_graph(dtype: str, shape: tuple[int | None, ...]) -> InputContr
 # The backends each INT8 flavour is made for. The two Q/DQ forms are fast on different
 # runtimes (on the development box's EPYC, at 320: the symmetric one runs on TensorRT and
 # fast on OpenVINO but at under FP32's speed on ONNX Runtime's CPU; uint8 activations run
-# fastest on ONNX Runtime, and TensorRT cannot build them). The export lists in ``backends``
-# those of its flavour's that it verified (or, for TensorRT, cannot check without a GPU).
+# fastest on ONNX Runtime and fast on OpenVINO, and TensorRT cannot build them). The export
+# lists in ``backends`` those of its flavour's that it verified (or, for TensorRT, cannot
+# check without a GPU); ``backend: auto`` then measures the listed ones that are installed.
 INT8_FLAVOUR_BACKENDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("tensorrt", "openvino"),
-    "cpu": ("onnxruntime",),
+    "cpu": ("onnxruntime", "openvino"),
 }
 # Manifests written before ``backends`` existed were verified through ONNX Runtime only.
 INT8_FLAVOUR_BACKENDS_BEFORE = {"tensorrt": ("tensorrt",), "cpu": ("onnxruntime",)}
