@@ -288,3 +288,30 @@ def fall_onnx_640_anyhw(fall_pt: Path, exported_model: ExportFactory) -> Path:
 @pytest.fixture(scope="session")
 def yolov8n_onnx_640_anyhw(yolov8n_pt: Path, exported_model: ExportFactory) -> Path:
     return exported_model(yolov8n_pt, 640, (1, 8), False, dynamic_hw=True)
+
+
+def bare_copy(onnx: Path, folder: Path, name: str = "model.onnx") -> Path:
+    """The ONNX alone, as a workstation hands it over: no manifest beside it."""
+    from streamd.manifest import sidecar_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
+    shutil.copyfile(onnx, out)
+    assert not sidecar_path(out).exists()
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_pictures_dir(tmp_path_factory: pytest.TempPathFactory, sample_images: list[Path]) -> Path:
+    """A folder of the 12 sample pictures the export tool verifies and calibrates with."""
+    from streamd_export.samples import write_sample_pictures
+
+    folder = tmp_path_factory.mktemp("pictures")
+    assert write_sample_pictures(folder, sample_images) == 12
+    return folder
+
+
+@pytest.fixture(scope="session")
+def workstation_onnx(fall_onnx_320: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FP32 ONNX a workstation exported, copied to the box without its manifest."""
+    return bare_copy(fall_onnx_320, tmp_path_factory.mktemp("from-workstation"))

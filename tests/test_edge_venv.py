@@ -32,8 +32,6 @@ import pytest
 
 from streamd.manifest import ModelManifest, sha256_file
 from streamd_export.cli import EXIT_NEEDS_GPU
-from streamd_export.samples import write_sample_pictures
-from tests.test_export_onnx_input import bare_copy
 
 pytestmark = pytest.mark.slow
 
@@ -104,19 +102,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> EdgeVenv:
     return EdgeVenv(base / "venv", base / "home", seconds)
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory, sample_images: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("edge-calib")
-    assert write_sample_pictures(folder, sample_images) == 12
-    return folder
-
-
-@pytest.fixture(scope="module")
-def workstation_onnx(fall_onnx_320: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The FP32 ONNX a workstation exported, copied to the box without its manifest."""
-    return bare_copy(fall_onnx_320, tmp_path_factory.mktemp("from-workstation"))
-
-
 @dataclass
 class Export:
     run: subprocess.CompletedProcess[str]
@@ -124,7 +109,7 @@ class Export:
 
 
 @pytest.fixture(scope="module")
-def exports(edge: EdgeVenv, workstation_onnx: Path, calib: Path,
+def exports(edge: EdgeVenv, workstation_onnx: Path, sample_pictures_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Export]:
     work = tmp_path_factory.mktemp("edge-exports")
     onnx = str(workstation_onnx)
@@ -133,8 +118,8 @@ def exports(edge: EdgeVenv, workstation_onnx: Path, calib: Path,
         "fp32": Export(edge.run("streamd-export", onnx, "--engine", "--out-dir", str(out["fp32"]), "--name", "fall",
                                 cwd=work), out["fp32"] / "fall.onnx"),
         "fp16": Export(edge.run("streamd-export", onnx, "--precision", "fp16", "--engine", "--verify-images",
-                                str(calib), "--out-dir", str(out["fp16"]), cwd=work), out["fp16"] / "model-fp16.onnx"),
-        "int8": Export(edge.run("streamd-export", onnx, "--precision", "int8", "--calib", str(calib), "--engine",
+                                str(sample_pictures_dir), "--out-dir", str(out["fp16"]), cwd=work), out["fp16"] / "model-fp16.onnx"),
+        "int8": Export(edge.run("streamd-export", onnx, "--precision", "int8", "--calib", str(sample_pictures_dir), "--engine",
                                 "--out-dir", str(out["int8"]), cwd=work), out["int8"] / "model-int8.onnx"),
     }
 

@@ -20,8 +20,8 @@ from streamd.backends.tensorrt.probe import tensorrt_version
 from streamd.manifest import ModelManifest, sha256_file, sidecar_path
 from streamd_export.adopt_engine import profile_facts
 from streamd_export.onnx_input import derive_manifest, read_onnx, strides_from_graph
-from streamd_export.samples import write_sample_pictures
 from streamd_export.stages import ExportInputError, ExportRequest, plan_for
+from tests.fixtures_models import bare_copy
 
 REPO = Path(__file__).resolve().parent.parent
 # streamd-export in a process where torch and Ultralytics cannot be imported.
@@ -34,15 +34,6 @@ FIELDS = ("class_names", "imgsz", "output_layout", "dynamic_hw", "stride", "inpu
 def export_without_torch(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, cwd=cwd,
                           timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-
-
-def bare_copy(onnx: Path, folder: Path, name: str = "model.onnx") -> Path:
-    """The ONNX alone, as a workstation hands it over: no manifest beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / name
-    shutil.copyfile(onnx, out)
-    assert not sidecar_path(out).exists()
-    return out
 
 
 @pytest.mark.parametrize("which", ["fall_onnx_320", "fall_onnx_640_anyhw"])
@@ -124,26 +115,14 @@ def test_an_engines_profile_becomes_its_build_facts() -> None:
 # FP16 and INT8 from an ONNX: the precision's own stages, the context read from the ONNX
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pictures(tmp_path_factory: pytest.TempPathFactory, sample_images: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("pictures")
-    assert write_sample_pictures(folder, sample_images) == 12
-    return folder
-
-
-@pytest.fixture(scope="module")
-def from_workstation(fall_onnx_320: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bare_copy(fall_onnx_320, tmp_path_factory.mktemp("from-workstation"))
-
-
-@pytest.fixture(scope="module")
-def onnx_exports(from_workstation: Path, pictures: Path,
+def onnx_exports(workstation_onnx: Path, sample_pictures_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
     work = tmp_path_factory.mktemp("onnx-exports")
     runs = {
-        "fp16": ("--verify-images", str(pictures)),
-        "int8": ("--calib", str(pictures)),
+        "fp16": ("--verify-images", str(sample_pictures_dir)),
+        "int8": ("--calib", str(sample_pictures_dir)),
     }
-    return {p: (export_without_torch(str(from_workstation), "--precision", p, *opts, "--out-dir", str(work / p),
+    return {p: (export_without_torch(str(workstation_onnx), "--precision", p, *opts, "--out-dir", str(work / p),
                                      cwd=work), work / p / f"model-{p}.onnx")
             for p, opts in runs.items()}
 
@@ -158,7 +137,7 @@ def summary_only(stdout: str, model: Path) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_fp16_and_int8_are_made_from_an_onnx_without_torch(onnx_exports, from_workstation: Path,
+def test_fp16_and_int8_are_made_from_an_onnx_without_torch(onnx_exports, workstation_onnx: Path,
                                                           precision: str) -> None:
     r, model = onnx_exports[precision]
     assert r.returncode == 0, r.stderr
@@ -166,8 +145,8 @@ def test_fp16_and_int8_are_made_from_an_onnx_without_torch(onnx_exports, from_wo
     m = ModelManifest.read(model)
     assert m.precision == precision and m.model_sha256 == sha256_file(model)
     # The manifest names the ONNX it was made from, with its digest, and what the graph says.
-    assert m.source["onnx"] == from_workstation.name and m.source["sha256"] == sha256_file(from_workstation)
-    assert m.build["fp32_onnx_sha256"] == sha256_file(from_workstation)
+    assert m.source["onnx"] == workstation_onnx.name and m.source["sha256"] == sha256_file(workstation_onnx)
+    assert m.build["fp32_onnx_sha256"] == sha256_file(workstation_onnx)
     assert (m.imgsz, m.batch_min, m.batch_max, m.stride) == ((320, 320), 1, 8, 32)
     assert m.class_names == {0: "Normal", 1: "Fall"}
     agreement = m.build["agreement"]
@@ -205,39 +184,39 @@ def test_the_daemon_checks_and_loads_an_int8_model_made_from_an_onnx(onnx_export
     assert f"model: {model.name} (2 classes, 320x320, batch 1-8, yolov8_raw, int8) on {backend}" in r.stdout
 
 
-def test_an_already_converted_onnx_is_refused(onnx_exports, pictures: Path, tmp_path: Path) -> None:
+def test_an_already_converted_onnx_is_refused(onnx_exports, sample_pictures_dir: Path, tmp_path: Path) -> None:
     for precision in ("fp16", "int8"):
         _, converted = onnx_exports[precision]
         # With its manifest, and alone (then the graph's float16 weights or Q/DQ nodes tell).
         for onnx in (converted, bare_copy(converted, tmp_path / precision)):
-            r = export_without_torch(str(onnx), "--precision", "int8", "--calib", str(pictures),
+            r = export_without_torch(str(onnx), "--precision", "int8", "--calib", str(sample_pictures_dir),
                                      "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
             assert r.returncode == 2, r.stderr
             assert f"is already {precision.upper()}; FP16 and INT8 are made from the FP32 ONNX" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_int8_of_an_onnx_with_nms_in_its_graph_is_refused(exported_model, fall_pt: Path, pictures: Path,
+def test_int8_of_an_onnx_with_nms_in_its_graph_is_refused(exported_model, fall_pt: Path, sample_pictures_dir: Path,
                                                          tmp_path: Path) -> None:
     with_nms = bare_copy(exported_model(fall_pt, 320, (1, 8), True), tmp_path)
-    r = export_without_torch(str(with_nms), "--precision", "int8", "--calib", str(pictures),
+    r = export_without_torch(str(with_nms), "--precision", "int8", "--calib", str(sample_pictures_dir),
                              "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and "has NMS in its graph" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
     # From a checkpoint, --nms with int8 is refused before the export (quantizing it failed with
     # "inhomogeneous shape" after 30 s of work); FP16 runs through NMS.
     with pytest.raises(ExportInputError, match="INT8 calibration cannot run through NMS"):
-        ExportRequest(weights=fall_pt, nms=True, precision="int8", calib=pictures)
+        ExportRequest(weights=fall_pt, nms=True, precision="int8", calib=sample_pictures_dir)
     ExportRequest(weights=fall_pt, nms=True, precision="fp16")
 
 
-def test_a_uint8_input_onnx_is_refused_as_a_starting_point(fall_onnx_320: Path, pictures: Path,
+def test_a_uint8_input_onnx_is_refused_as_a_starting_point(fall_onnx_320: Path, sample_pictures_dir: Path,
                                                            tmp_path: Path) -> None:
     from streamd_export.uint8_input import wrap_uint8
 
     raw = tmp_path / "raw.onnx"
     wrap_uint8(fall_onnx_320, raw)
-    r = export_without_torch(str(raw), "--precision", "fp16", "--verify-images", str(pictures),
+    r = export_without_torch(str(raw), "--precision", "fp16", "--verify-images", str(sample_pictures_dir),
                              "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and "takes uint8 pixels" in r.stderr, r.stderr
 

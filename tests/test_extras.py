@@ -20,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from streamd.backends.tensorrt.probe import tensorrt_version
-from tests.test_export_onnx_input import bare_copy
+from tests.fixtures_models import bare_copy
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
 
