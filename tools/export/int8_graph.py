@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .graph_shapes import pinned_shapes
+
 
 def concat_fed_convs(nodes: Iterable[Any]) -> list[str]:
     """Names of the Conv nodes whose input is a Concat's output: in YOLOv8 the last conv of
@@ -45,28 +47,13 @@ def concat_fed_convs(nodes: Iterable[Any]) -> list[str]:
 
 
 def _feature_strides(model: Any, input_name: str, tensors: set[str], probe: int) -> dict[str, int]:
-    """Stride of each of ``tensors`` (NCHW feature maps), from ONNX shape inference on a copy
-    of the model whose input is pinned to ``probe`` x ``probe``."""
-    import onnx
-
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(model)
-    for inp in pinned.graph.input:
-        if inp.name == input_name:
-            dims = inp.type.tensor_type.shape.dim
-            for d, v in zip(dims, (1, None, probe, probe)):
-                if v is not None:
-                    d.Clear()
-                    d.dim_value = v
-    del pinned.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(pinned).graph
+    """Stride of each of ``tensors`` (NCHW feature maps), with the input pinned to ``probe`` x ``probe``."""
+    shapes = pinned_shapes(model, input_name, (1, None, probe, probe))
     out: dict[str, int] = {}
-    for vi in inferred.value_info:
-        if vi.name in tensors:
-            dims = vi.type.tensor_type.shape.dim
-            if len(dims) == 4 and dims[2].HasField("dim_value") and dims[2].dim_value > 0 \
-                    and probe % dims[2].dim_value == 0:
-                out[vi.name] = probe // dims[2].dim_value
+    for name in tensors & shapes.keys():
+        dims = shapes[name]
+        if len(dims) == 4 and dims[2] is not None and probe % dims[2] == 0:
+            out[name] = probe // dims[2]
     return out
 
 

@@ -35,6 +35,7 @@ from streamd.manifest import (
     sidecar_path,
 )
 
+from .graph_shapes import pinned_shapes
 from .output import utc_now
 from .samples import sample_paths
 from .stages import INT8_NMS, ExportContext, ExportInputError, register
@@ -211,29 +212,21 @@ def strides_from_graph(model: Any, imgsz: tuple[int, int], batch: int) -> tuple[
     level's feature map (the head's per-level branch convolutions), by ONNX's shape inference
     with the input pinned to ``imgsz``. None when the graph has no such head, or its shapes
     cannot be inferred."""
-    import onnx
-
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(model)
-    initialisers = {i.name for i in pinned.graph.initializer}
-    image = next(i for i in pinned.graph.input if i.name not in initialisers)
-    for dim, value in zip(image.type.tensor_type.shape.dim, (batch, 3, *imgsz)):
-        dim.Clear()
-        dim.dim_value = value
+    initialisers = {i.name for i in model.graph.initializer}
+    image = next(i for i in model.graph.input if i.name not in initialisers)
     try:
-        inferred = onnx.shape_inference.infer_shapes(pinned)
+        shapes = pinned_shapes(model, image.name, (batch, 3, *imgsz))
     except Exception:  # onnx raises InferenceError and others: then there is nothing to read
         return None
-    shapes = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
-    prefix = head_prefix(n.name for n in inferred.graph.node)
+    prefix = head_prefix(n.name for n in model.graph.node)
     strides: set[int] = set()
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         if node.op_type != "Conv" or not node.name.startswith(prefix) or is_decode_node(node.name, "Conv", prefix):
             continue
         dims = shapes.get(node.output[0])
-        if dims is None or len(dims) != 4 or not all(d.HasField("dim_value") and d.dim_value for d in dims[2:]):
+        if dims is None or len(dims) != 4 or dims[2] is None or dims[3] is None:
             return None
-        h, w = dims[2].dim_value, dims[3].dim_value
+        h, w = dims[2], dims[3]
         if imgsz[0] % h or imgsz[1] % w or imgsz[0] // h != imgsz[1] // w:
             return None
         strides.add(imgsz[0] // h)
